@@ -1,0 +1,1 @@
+"""Triton kernels. Nothing here imports the model; ``mgqa.ops`` is the only caller."""

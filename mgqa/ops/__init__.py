@@ -1,0 +1,125 @@
+"""The one place that picks an attention implementation.
+
+``attention(q, k, v, causal=..., backend=...)`` dispatches to:
+
+- ``"reference"``: plain PyTorch math in float32, the test oracle;
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``;
+- ``"triton"``: mgqa's own Triton kernels (``mgqa.kernels``), CUDA only;
+- ``"auto"``: Triton on CUDA where the kernels support the inputs, SDPA otherwise. The choice is
+  logged once per distinct reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from mgqa.ops.reference import causal_mask, reference_attention
+from mgqa.ops.sdpa import sdpa_attention
+
+__all__ = ["attention", "available_backends", "BackendUnavailable", "causal_mask", "reference_attention"]
+
+BACKENDS = ("auto", "sdpa", "reference", "triton")
+log = logging.getLogger("mgqa.ops")
+_announced: set[tuple[str, str]] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run these inputs on this machine."""
+
+
+def _triton_module():
+    """The Triton kernels module, or a string saying why it can't be used."""
+    try:
+        from mgqa.kernels import attention as triton_kernels  # noqa: PLC0415 (optional dependency)
+    except ImportError as err:  # triton missing, or the kernels not built for this platform
+        return f"mgqa's Triton kernels could not be imported ({err})"
+    return triton_kernels
+
+
+def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    module = _triton_module()
+    if isinstance(module, str):
+        return module
+    return module.unsupported_reason(q, k, v)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine (``triton`` needs the kernels and a CUDA device)."""
+    names = ["sdpa", "reference"]
+    if torch.cuda.is_available() and not isinstance(_triton_module(), str):
+        names.append("triton")
+    return names
+
+
+def _announce(choice: str, reason: str) -> None:
+    key = (choice, reason)
+    if key not in _announced:
+        _announced.add(key)
+        log.info("attention backend 'auto' chose %s (%s)", choice, reason)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects 4-d q (B, H, Nq, D), k and v (B, Hkv, Nk, D); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) and head_dim (dim 3)"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Grouped-query attention.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0. Query head h reads KV head
+    h // (H / Hkv); K/V are never copied per query head. ``causal`` masks are aligned to the
+    bottom-right (query i sits at position Nk - Nq + i). ``scale`` defaults to 1/sqrt(D).
+    Returns (B, H, Nq, D) in q's dtype.
+    """
+    _check_shapes(q, k, v)
+    fn: Callable[..., torch.Tensor]
+    if backend == "auto":
+        if not q.is_cuda:
+            choice, reason = "sdpa", f"inputs on {q.device.type}"
+        elif dropout_p > 0.0:
+            choice, reason = "sdpa", "attention dropout is on"
+        else:
+            why_not = _triton_unsupported_reason(q, k, v)
+            choice, reason = ("sdpa", why_not) if why_not else ("triton", "CUDA inputs the kernels support")
+        _announce(choice, reason)
+        backend = choice
+    if backend == "sdpa":
+        fn = sdpa_attention
+    elif backend == "reference":
+        fn = reference_attention
+    elif backend == "triton":
+        if dropout_p > 0.0:
+            raise BackendUnavailable(
+                f"backend='triton' has no attention dropout (dropout_p={dropout_p}); use 'sdpa' or set dropout to 0"
+            )
+        why_not = _triton_unsupported_reason(q, k, v)
+        if why_not:
+            raise BackendUnavailable(f"backend='triton' cannot run these inputs: {why_not}")
+        fn = _triton_module().triton_attention
+        return fn(q, k, v, causal=causal, scale=scale)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return fn(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)

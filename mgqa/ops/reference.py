@@ -1,0 +1,53 @@
+"""Plain-PyTorch attention in float32 (or float64): the oracle every other backend is tested against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(n_q: int, n_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean mask (Nq, Nk), True where query i may attend key j.
+
+    Aligned to the bottom-right: the last query sees every key. With Nq < Nk (a prefill or decode
+    step after a KV cache) query i sits at absolute position ``Nk - Nq + i``.
+    """
+    offset = n_k - n_q
+    rows = torch.arange(n_q, device=device).unsqueeze(1)
+    cols = torch.arange(n_k, device=device).unsqueeze(0)
+    return cols <= rows + offset  # (Nq, Nk)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    upcast: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with query head h reading KV head h // (H / Hkv).
+
+    q: (B, H, Nq, D), k and v: (B, Hkv, Nk, D). Computes in ``upcast`` precision (float32, or
+    float64 for tests) and returns q's dtype. Query rows that can see no key (causal with
+    Nq > Nk) output zeros.
+    """
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qf = q.to(upcast).reshape(batch, kv_heads, group, n_q, head_dim)  # (B, Hkv, G, Nq, D)
+    kf = k.to(upcast).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    vf = v.to(upcast).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, Nq, Nk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(n_q, n_k, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, vf)  # (B, Hkv, G, Nq, D)
+    return out.reshape(batch, heads, n_q, head_dim).to(q.dtype)
