@@ -1,0 +1,222 @@
+"""Grouped-query attention in Triton: launchers, the ``mgqa::`` custom ops, and autograd.
+
+``triton_attention(q, k, v, causal=..., scale=...)`` is what ``mgqa.ops.attention`` calls for the
+"triton" backend. q is (B, H, Nq, D), k and v are (B, Hkv, Nk, D) with H % Hkv == 0; query head h
+reads KV head h // (H / Hkv) by index. Causal masks align bottom-right (query i at absolute
+position Nk - Nq + i); rows that see no key output 0. Any strides are accepted as long as the last
+dimension is contiguous (other layouts are copied once). fp16 and bf16 use the tensor cores with
+fp32 accumulation; fp32 inputs run with IEEE fp32 dots (exact but slow, meant for tests).
+
+The forward and backward are ``torch.library.custom_op``s with fake registrations, so the op
+traces under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from mgqa.kernels.attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
+from mgqa.kernels.attention_fwd import INTERPRET, _attn_fwd
+
+__all__ = ["SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "triton_attention", "unsupported_reason"]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """None if the kernels can run these inputs, else a short reason a user can act on."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            return f"{name} has {t.dim()} dims (expected 4: batch, heads, seq, head_dim)"
+    if not q.is_cuda and not INTERPRET:
+        return f"inputs are on {q.device.type}"
+    if k.device != q.device or v.device != q.device:
+        return f"q, k, v on different devices ({q.device}, {k.device}, {v.device})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} not in (float16, bfloat16, float32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS}"
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        return f"head_dim differs: q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]}"
+    if k.shape != v.shape:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape"
+    if q.shape[0] != k.shape[0]:
+        return f"batch differs: q {q.shape[0]}, k {k.shape[0]}"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        return f"query heads ({q.shape[1]}) not a multiple of KV heads ({k.shape[1]})"
+    return None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"triton attention: {reason}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels address rows by stride but read each row as one contiguous vector.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common_meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
+        N_BUCKET=min(triton.next_power_of_2(max(k.shape[2], 1)), 16384),
+        GROUP=q.shape[1] // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        CAUSAL=causal,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel output; tests swap it for a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    q: (B, H, Nq, D), k and v: (B, Hkv, Nk, D), same dtype/device. Returns out (B, H, Nq, D),
+    contiguous, in q's dtype, and lse (B, H, Nq) float32, log2-sum-exp of the scaled scores
+    (+inf for rows that see no key).
+    """
+    _check(q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    out = _empty((batch, heads, n_q, head_dim), q.dtype, q.device)
+    lse = _empty((batch, heads, n_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    meta = _common_meta(q, k, causal)
+
+    def grid(cfg):
+        return (batch * heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+
+    _attn_fwd[grid](
+        q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        n_q, n_k, heads, scale * math.log2(math.e), **meta,
+    )
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels: returns dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous,
+    each in its input's dtype. dK/dV are summed over each KV head's query group inside the kernel."""
+    _check(q, k, v)
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    dq = _empty((batch, heads, n_q, head_dim), q.dtype, q.device)
+    dk = _empty((batch, kv_heads, n_k, head_dim), k.dtype, k.device)
+    dv = _empty((batch, kv_heads, n_k, head_dim), v.dtype, v.device)
+    if n_q == 0 or n_k == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    meta = _common_meta(q, k, causal)
+    qk_scale = scale * math.log2(math.e)
+
+    delta = _empty((batch, heads, n_q), torch.float32, q.device)
+    delta_block = 16 if INTERPRET else 64
+    _attn_bwd_delta[(batch * heads, triton.cdiv(n_q, delta_block))](
+        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), n_q, heads,
+        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
+    )
+
+    def grid_kv(cfg):
+        return (batch * kv_heads, triton.cdiv(n_k, cfg["BLOCK_N"]))
+
+    _attn_bwd_dkdv[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk),
+        n_q, n_k, kv_heads, qk_scale, scale, **meta,
+    )
+
+    def grid_q(cfg):
+        return (batch * heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+
+    _attn_bwd_dq[grid_q](
+        q, k, v, grad_out, lse, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
+        n_q, n_k, heads, qk_scale, scale, **meta,
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("mgqa::gqa_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    return attention_forward(q, k, v, causal, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, causal, scale):
+    batch, heads, n_q, head_dim = q.shape
+    out = q.new_empty((batch, heads, n_q, head_dim))
+    lse = q.new_empty((batch, heads, n_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("mgqa::gqa_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: Optional[float] = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with grouped KV heads; differentiable in q, k and v.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D), H % Hkv == 0, D in (32, 64, 96, 128, 256),
+    fp16/bf16 (fp32 accepted, slow). ``scale`` defaults to 1/sqrt(D). Returns (B, H, Nq, D) in
+    q's dtype. Raises ValueError naming the offending value for inputs the kernels cannot run.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _fwd_op(q, k, v, bool(causal), scale)
+    return out

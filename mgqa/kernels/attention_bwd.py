@@ -1,0 +1,242 @@
+"""Triton backward kernels for grouped-query attention. Deterministic: no atomics.
+
+- ``_attn_bwd_delta``: delta_i = sum_d O_id * dO_id (float32), once per query row.
+- ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head and loops over every query
+  head of its group and every query block, so dK/dV are summed over the group in registers and
+  written once, straight into (B, Hkv, Nk, D).
+- ``_attn_bwd_dq``: one program owns BLOCK_M query rows of one query head and loops over keys.
+
+The softmax statistics come from the forward: ``lse`` is log2-sum-exp of the scaled scores
+(log2 units), +inf for rows that see no key.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
+
+
+def _configs(pairs) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs
+    ]
+
+
+# dK/dV: a wide key tile (BLOCK_N) stays resident; query tiles (BLOCK_M) stream past it.
+_DKDV_CONFIGS = _configs([
+    (32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)
+])
+# dQ: a wide query tile stays resident; key tiles stream past it.
+_DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)
+])
+
+
+@triton.jit
+def _attn_bwd_delta(
+    Out, DO, Delta, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn, n_q, heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0, offs_d,
+    key_pos, n_q, offset, qk_scale,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < n_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
+    # Rows past n_q get lse = +inf, hence p = 0: no explicit row mask needed below.
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+    if MASKED:
+        p_t = tl.where(key_pos[:, None] <= offs_m[None, :] + offset, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_DKDV_CONFIGS,
+    key=["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_tile_bytes},
+)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn,
+    stride_gb, stride_gh, stride_gn,  # dK and dV share one contiguous layout
+    n_q, n_k, kv_heads, qk_scale, sm_scale,
+    N_BUCKET,
+    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_bkv = tl.program_id(0)
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    kv_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    offset = n_k - n_q
+    if CAUSAL:
+        # Key j is seen by queries i >= j - offset; pairs in [lo, mid) straddle the diagonal.
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(tl.maximum(start_n + BLOCK_N - offset, 0), n_q)
+        mid = tl.maximum(tl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        mid = 0
+
+    for g in range(GROUP):
+        head = (kv_head * GROUP + g).to(tl.int64)
+        bh = batch.to(tl.int64) * (kv_heads * GROUP) + head
+        q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_db + head * stride_dh
+        lse_base = Lse + bh * n_q
+        delta_base = Delta + bh * n_q
+        for start_m in range(lo, mid, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0,
+                offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, True, INPUT_PRECISION,
+            )
+        for start_m in range(mid, n_q, BLOCK_M):
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0,
+                offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, False, INPUT_PRECISION,
+            )
+
+    out_off = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh + offs_n[:, None] * stride_gn
+    tl.store(DK + out_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos, n_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n0
+    k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        keep = cols[None, :] < n_k
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=_DQ_CONFIGS,
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP"],
+    prune_configs_by={"early_config_prune": prune_by_tile_bytes},
+)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn,
+    stride_gb, stride_gh, stride_gn,
+    n_q, n_k, heads, qk_scale, sm_scale,
+    N_BUCKET,
+    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    batch = (pid_bh // heads).to(tl.int64)
+    head = pid_bh % heads
+    kv_head = (head // GROUP).to(tl.int64)
+    head = head.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    row_ok = offs_m < n_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    offset = n_k - n_q
+    q_pos = offs_m + offset
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), n_k)
+        hi_full = tl.minimum(tl.maximum(start_m + offset + 1, 0), n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        hi_full = n_k // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos,
+                      n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION)
+    for start_n in range(hi_full, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos,
+                      n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION)
+
+    tl.store(DQ + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
