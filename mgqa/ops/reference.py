@@ -32,13 +32,15 @@ def reference_attention(
     """softmax(q k^T * scale) v with query head h reading KV head h // (H / Hkv).
 
     q: (B, H, Nq, D), k and v: (B, Hkv, Nk, D). Computes in ``upcast`` precision (float32, or
-    float64 for tests) and returns q's dtype. Query rows that can see no key (causal with
+    float64 for tests; float64 inputs always in float64) and returns q's dtype. Query rows that can see no key (causal with
     Nq > Nk) output zeros.
     """
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if q.dtype == torch.float64:
+        upcast = torch.float64  # never compute below the inputs' precision
     qf = q.to(upcast).reshape(batch, kv_heads, group, n_q, head_dim)  # (B, Hkv, G, Nq, D)
     kf = k.to(upcast).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     vf = v.to(upcast).unsqueeze(2)  # (B, Hkv, 1, Nk, D)

@@ -1,0 +1,37 @@
+# Two commands do all the set-up: `make train` (the main job) and `make test`.
+# Both create .venv on first use and install mgqa into it (editable); later runs reuse it and
+# reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-gpu bench-attention clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: train the default GQA model on the embedded corpus (CPU or GPU), e.g. `make train ARGS="model.kv_heads=1"`
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+## The test suite (CPU; Triton kernels run in the interpreter; GPU tests are skipped without CUDA)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## GPU-only tests, on a machine with CUDA
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+bench-attention: $(STAMP)
+	$(BIN)/python bench/attention.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

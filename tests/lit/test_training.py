@@ -1,0 +1,80 @@
+"""Real training runs: through mgqa.lit.run.train (as train.py calls it) and through the CLI."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mgqa.lit.run import train
+from tests.conftest import ROOT, TINY, compose
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_compose_and_train_a_few_steps(tmp_path, capsys):
+    cfg = compose(*TINY, f"run_dir={tmp_path}")
+    val_loss = train(cfg)
+    rows = read_rows(tmp_path / "metrics.csv")
+    train_rows = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in train_rows] == list(range(6))
+    assert all(float(r["train/tokens_per_s"]) > 0 for r in train_rows)
+    val_rows = [r for r in rows if r["val/loss"]]
+    assert len(val_rows) >= 2 and float(val_rows[-1]["val/ppl"]) > 1
+    assert float(train_rows[-1]["train/loss"]) < float(train_rows[0]["train/loss"])
+    assert val_loss < 5.5  # below ln(257): the model learned something in 6 steps
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name.startswith("best-step") for p in (tmp_path / "checkpoints").iterdir())
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "config.yaml").is_file()
+    out = capsys.readouterr().out
+    assert "final val/loss" in out and "ROMEO." in out
+    assert (tmp_path / "sample.txt").read_text().startswith("ROMEO.\n")
+
+
+def test_resume_continues_step_count_and_schedule(tmp_path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    common = (*TINY, "trainer.max_steps=10", "callbacks.model_checkpoint.save_top_k=-1", "sample.max_new_tokens=0")
+    train(compose(*common, f"run_dir={first}"))
+    ckpt = first / "checkpoints" / "best-step6.ckpt"
+    assert ckpt.is_file()
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 6
+    train(compose(*common, f"run_dir={resumed}", f"ckpt_path={ckpt}"))
+    full = {int(r["step"]): float(r["train/lr"]) for r in read_rows(first / "metrics.csv") if r["train/lr"]}
+    again = {int(r["step"]): float(r["train/lr"]) for r in read_rows(resumed / "metrics.csv") if r["train/lr"]}
+    assert sorted(again) == [6, 7, 8, 9]  # the step count continues; no restart at 0
+    assert all(again[s] == pytest.approx(full[s]) for s in again)  # the LR schedule continues
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        train(compose(*TINY, f"run_dir={tmp_path}", f"ckpt_path={tmp_path}/nope.ckpt"))
+
+
+@pytest.mark.slow
+def test_cli_run_writes_metrics_and_checkpoint(tmp_path):
+    cmd = [sys.executable, "train.py", "debug=fast", "trainer.max_steps=4", "run_name=cli", f"output_root={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "cli"
+    steps = [int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r["train/loss"]]
+    assert steps == [0, 1, 2, 3]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "final val/loss" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, message",
+    [("model.kv_heads=3", "model.kv_heads (3) must divide model.heads (8)"), ("model=gpt9", "model/gpt9")],
+)
+def test_cli_bad_config_exits_with_the_message(tmp_path, override, message):
+    cmd = [sys.executable, "train.py", override, "run_name=bad", f"output_root={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "bad" / "checkpoints").exists()
