@@ -14,6 +14,7 @@ traces under ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -83,6 +84,30 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Tensor descriptors (Hopper's bulk tensor copies) for the forward's K/V tiles. Off under the
+# interpreter and where the layout breaks the copy engine's rules (16-byte aligned rows and base,
+# head_dim a power of two). A module flag so benchmarks can compare both paths.
+USE_TMA = os.environ.get("MGQA_TRITON_TMA", "1") != "0"
+_allocator_set = False
+
+
+def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    global _allocator_set
+    if not USE_TMA or INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    head_dim, elem = k.shape[-1], k.element_size()
+    if head_dim & (head_dim - 1):
+        return False
+    for t in (k, v):
+        if t.data_ptr() % 16 or (t.stride(2) * elem) % 16 or t.stride(-1) != 1:
+            return False
+    if not _allocator_set:
+        # In-kernel descriptors need a little global scratch memory, taken from PyTorch's allocator.
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+    return True
+
+
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -107,11 +132,12 @@ def attention_forward(
     meta = _common_meta(q, k, causal)
 
     def grid(cfg):
-        return (batch * heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+        return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
 
+    use_tma = _tma_ok(q, k, v)
     _attn_fwd[grid](
         q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        n_q, n_k, heads, scale * math.log2(math.e), **meta,
+        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, **meta,
     )
     return out, lse
 
@@ -142,7 +168,7 @@ def attention_backward(
     )
 
     def grid_kv(cfg):
-        return (batch * kv_heads, triton.cdiv(n_k, cfg["BLOCK_N"]))
+        return (batch * kv_heads * triton.cdiv(n_k, cfg["BLOCK_N"]),)
 
     _attn_bwd_dkdv[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv,
@@ -151,7 +177,7 @@ def attention_backward(
     )
 
     def grid_q(cfg):
-        return (batch * heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+        return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
 
     _attn_bwd_dq[grid_q](
         q, k, v, grad_out, lse, delta, dq,

@@ -98,10 +98,12 @@ def _attn_bwd_dkdv(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_bkv = tl.program_id(0)
+    # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
+    num_n = tl.cdiv(n_k, BLOCK_N)
+    pid_bkv = tl.program_id(0) // num_n
     batch = pid_bkv // kv_heads
     kv_head = pid_bkv % kv_heads
-    start_n = tl.program_id(1) * BLOCK_N
+    start_n = (tl.program_id(0) % num_n) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -197,14 +199,20 @@ def _attn_bwd_dq(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Same 1-D order as the forward: (batch, kv_head, query block, group member).
+    num_m = tl.cdiv(n_q, BLOCK_M)
+    pid = tl.program_id(0)
+    per_kv = GROUP * num_m
+    pid_bkv = pid // per_kv
+    rest = pid % per_kv
+    pid_m = rest // GROUP
     if CAUSAL:
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    batch = (pid_bh // heads).to(tl.int64)
-    head = pid_bh % heads
-    kv_head = (head // GROUP).to(tl.int64)
-    head = head.to(tl.int64)
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    batch = (pid_bkv // kv_heads).to(tl.int64)
+    kv_head = (pid_bkv % kv_heads).to(tl.int64)
+    head = kv_head * GROUP + rest % GROUP
+    pid_bh = batch * heads + head
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)

@@ -58,14 +58,18 @@ def prune_by_tile_bytes(configs, named_args, **kwargs):
 
 @triton.jit
 def _fwd_step(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos, n_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos, n_k,
+    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n  # (BLOCK_N,)
     k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
+    if USE_TMA:
+        # The copy engine zero-fills rows past n_k, so no load mask is needed.
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    elif MASKED:
         kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -93,7 +97,7 @@ def _fwd_step(
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP"],
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -107,15 +111,24 @@ def _attn_fwd(
     N_BUCKET,  # autotune key only: next power of two of n_k, capped
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # 1-D grid ordered (batch, kv_head, query block, group member), the member fastest: the
+    # programs running at once share one KV head's K/V tiles, which then come from L2.
+    num_m = tl.cdiv(n_q, BLOCK_M)
+    pid = tl.program_id(0)
+    per_kv = GROUP * num_m
+    pid_bkv = pid // per_kv
+    rest = pid % per_kv
+    pid_m = rest // GROUP
     if CAUSAL:
         # The last query blocks see the most keys: start them first for a shorter tail.
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    kv_head = head // GROUP
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    head = kv_head * GROUP + rest % GROUP
+    pid_bh = batch * heads + head
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -126,6 +139,14 @@ def _attn_fwd(
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
 
     # Bottom-right causal alignment: query i sits at absolute position i + (n_k - n_q).
     offset = n_k - n_q
@@ -143,14 +164,14 @@ def _attn_fwd(
     # Key blocks every row of this block may fully see: no masks.
     for start_n in range(0, hi_full, BLOCK_N):
         acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos, n_k,
-            qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos,
+            n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA,
         )
     # The diagonal and the ragged end of the keys: masked.
     for start_n in range(hi_full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos, n_k,
-            qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos,
+            n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION, USE_TMA,
         )
 
     # Rows that see no key (causal with n_q > n_k) output 0 and store lse = +inf, so the

@@ -1,0 +1,201 @@
+"""GQA training attention: mgqa's Triton kernels against PyTorch's own, on one CUDA GPU.
+
+For each shape (B*N = 16k tokens, H = 32 query heads) it times forward and forward+backward of
+mgqa-triton, SDPA flash, SDPA cuDNN and FlexAttention (compiled), all with ``enable_gqa=True``,
+checks mgqa's output and gradients against SDPA flash, and measures peak memory of
+forward+backward against repeat-K/V + SDPA flash. Prints a table and writes JSON.
+
+FLOPs: forward = 4*B*H*N^2*D (halved when causal); forward+backward = 3.5 x forward.
+
+    python bench/attention.py --quick --json bench/results/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mgqa.kernels import attention as mgqa_kernels
+
+TOKENS = 16384
+HEADS = 32
+
+
+def shapes(quick: bool):
+    if quick:
+        yield from [
+            (128, 8, 4096, True), (128, 8, 4096, False), (128, 8, 8192, True), (128, 8, 8192, False),
+            (128, 8, 1024, True), (128, 8, 16384, True), (128, 1, 4096, True), (128, 32, 4096, True),
+            (64, 8, 4096, True),
+        ]
+        return
+    for head_dim, kv_heads, n, causal in itertools.product((128, 64), (8, 1, 32), (1024, 4096, 8192, 16384),
+                                                           (True, False)):
+        yield head_dim, kv_heads, n, causal
+
+
+def sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    return run
+
+
+def repeat_kv_sdpa(q, k, v, causal):
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+_flex_compiled = None
+_block_masks: dict = {}
+
+
+def flex(q, k, v, causal):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    mask = None
+    if causal:
+        key = (q.shape[2], k.shape[2])
+        if key not in _block_masks:
+            _block_masks[key] = create_block_mask(
+                lambda b, h, qi, ki: qi >= ki, B=None, H=None, Q_LEN=q.shape[2], KV_LEN=k.shape[2]
+            )
+        mask = _block_masks[key]
+    return _flex_compiled(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def mgqa(q, k, v, causal):
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
+def mgqa_no_tma(q, k, v, causal):
+    """The forward with plain pointer loads for K/V instead of tensor descriptors."""
+    mgqa_kernels.USE_TMA = False
+    try:
+        return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+    finally:
+        mgqa_kernels.USE_TMA = True
+
+
+IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+         "flex": flex}
+
+
+def time_ms(fn, grads=None) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+
+
+def peak_fwd_bwd_bytes(fn, q, k, v, do, causal) -> int:
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(q, k, v, causal).backward(do)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
+    batch = TOKENS // n
+    gen = dict(device="cuda", dtype=dtype)
+    q = torch.randn(batch, HEADS, n, head_dim, **gen).requires_grad_()
+    k = torch.randn(batch, kv_heads, n, head_dim, **gen).requires_grad_()
+    v = torch.randn(batch, kv_heads, n, head_dim, **gen).requires_grad_()
+    do = torch.randn(batch, HEADS, n, head_dim, **gen)
+    flops = 4 * batch * HEADS * n * n * head_dim * (0.5 if causal else 1.0)
+    row = dict(B=batch, H=HEADS, Hkv=kv_heads, N=n, D=head_dim, causal=causal, dtype=str(dtype))
+
+    # Correctness of this very configuration against SDPA flash.
+    ref = sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    out = mgqa(q, k, v, causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    row["err_vs_flash"] = max(rel_err(a, b) for a, b in zip((out, *grads), (ref, *ref_grads)))
+    del ref, ref_grads, out, grads
+
+    for name in impls:
+        fn = IMPLS[name]
+        try:
+            fwd = time_ms(lambda: fn(q, k, v, causal))
+            fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
+            row[f"{name}_fwd"] = flops / fwd / 1e9
+            row[f"{name}_fwdbwd"] = 3.5 * flops / fwd_bwd / 1e9
+        except Exception as err:  # a peer refusing a shape is a result, not a crash
+            row[f"{name}_fwd"] = row[f"{name}_fwdbwd"] = None
+            row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    for phase in ("fwd", "fwdbwd"):
+        peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
+        peers = [x for x in peers if x]
+        if peers and row.get(f"mgqa_{phase}"):
+            row[f"ratio_{phase}"] = row[f"mgqa_{phase}"] / max(peers)
+    row["peak_mib_mgqa"] = peak_fwd_bwd_bytes(mgqa, q, k, v, do, causal) / 2**20
+    row["peak_mib_repeat_kv_sdpa"] = peak_fwd_bwd_bytes(repeat_kv_sdpa, q, k, v, do, causal) / 2**20
+    for kernel_name, kernel in (("fwd", mgqa_kernels._attn_fwd), ("dkdv", mgqa_kernels._attn_bwd_dkdv),
+                                ("dq", mgqa_kernels._attn_bwd_dq)):
+        cfg = getattr(kernel, "best_config", None)
+        row[f"cfg_{kernel_name}"] = str(cfg) if cfg is not None else None
+    return row
+
+
+def fmt(x, width=6, prec=0):
+    return f"{x:{width}.{prec}f}" if isinstance(x, (int, float)) and x is not None else " " * (width - 1) + "-"
+
+
+def print_table(rows, impls):
+    head = f"{'D':>4} {'Hkv':>4} {'N':>6} {'c':>2} |" + "".join(f" {n[:10]:>10} fwd/fb |" for n in impls)
+    head += " ratio fwd/fb | peak MiB mgqa/repKV | err"
+    print(head)
+    for r in rows:
+        line = f"{r['D']:>4} {r['Hkv']:>4} {r['N']:>6} {'y' if r['causal'] else 'n':>2} |"
+        for n in impls:
+            line += f" {fmt(r.get(n + '_fwd'), 8)}/{fmt(r.get(n + '_fwdbwd'), 5)} |"
+        line += f" {fmt(r.get('ratio_fwd'), 5, 2)}/{fmt(r.get('ratio_fwdbwd'), 5, 2)} |"
+        line += f" {fmt(r['peak_mib_mgqa'], 8)}/{fmt(r['peak_mib_repeat_kv_sdpa'], 8)} | {r['err_vs_flash']:.1e}"
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a 9-shape subset instead of the full 48")
+    parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
+    parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
+    impls = [i for i in args.impls.split(",") if i]
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for head_dim, kv_heads, n, causal in shapes(args.quick):
+        rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype))
+        r = rows[-1]
+        print(f"D={head_dim} Hkv={kv_heads} N={n} causal={causal}: "
+              + " ".join(f"{i}={fmt(r.get(i + '_fwd'), 1)}/{fmt(r.get(i + '_fwdbwd'), 1)}" for i in impls)
+              + f" err={r['err_vs_flash']:.1e} cfg={r['cfg_fwd']} | {r['cfg_dkdv']} | {r['cfg_dq']}", flush=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s",
+                flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
+    with open(args.json, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, TFLOP/s")
+    print_table(rows, impls)
+
+
+if __name__ == "__main__":
+    main()
