@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
 from mgqa.lit.run import train
+from mgqa.lit.module import NonFiniteLossError
 from mgqa.model import ConfigError
 
 register_configs()
@@ -19,7 +20,7 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
         # A wrong setting or path: the message is the whole story, no traceback.
         raise SystemExit(f"error: {err}") from None
 

@@ -1,11 +1,19 @@
-"""Callbacks: training throughput in tokens per second."""
+"""Callbacks: throughput, checkpoint-on-signal, random-state checkpointing."""
 
 from __future__ import annotations
 
+import random
+import signal
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
 class TokenThroughput(L.Callback):
@@ -36,3 +44,110 @@ class TokenThroughput(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation time is not training throughput: restart the window.
         self._last_time, self._tokens = None, 0
+
+
+class SignalCheckpoint(L.Callback):
+    """On SIGTERM or SIGINT (and SIGUSR1 outside SLURM), finish the current optimizer step, save
+    ``last.ckpt`` and stop training cleanly.
+
+    Under SLURM with auto-requeue, SIGUSR1 is left to Lightning's own requeue handler.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.received: Optional[int] = None
+        self.saved_at_step: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        signums = [signal.SIGTERM, signal.SIGINT]
+        environment = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            signums.append(signal.SIGUSR1)
+        for signum in signums:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return  # only between optimizer steps: no half-accumulated gradients to lose
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_at_step = trainer.global_step
+        trainer.should_stop = True
+        # Stopping runs the epoch-end hooks; a checkpoint written there would look like an
+        # end-of-epoch state and resume at the next epoch. Mark this step as saved.
+        for callback in trainer.checkpoint_callbacks:
+            callback._last_global_step_saved = trainer.global_step
+        name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+        rank_zero_info(f"received {name}: saved {self.path} at step {trainer.global_step}; stopping")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+class RNGState(L.Callback):
+    """Saves and restores the Python, NumPy and torch (CPU and CUDA) random states with each
+    checkpoint, so dropout and sampling continue as in an uninterrupted run."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = {
+            "python": _python_state_to_list(random.getstate()),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = state
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Restored here, after Lightning's own set-up has drawn any random numbers it needs.
+        state = getattr(self, "_pending", None)
+        if not state:
+            return
+        random.setstate(_python_state_from_list(state["python"]))
+        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self._pending = None
+
+
+# RNG states as plain lists and tensors, which ``torch.load(weights_only=True)`` accepts.
+def _python_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -13,6 +14,12 @@ from torchmetrics.aggregation import MeanMetric
 
 from mgqa.model import MGQATransformer, ModelConfig
 
+log = logging.getLogger("mgqa")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
 
 class LanguageModel(L.LightningModule):
     """Trains ``MGQATransformer`` on (inputs, targets) token batches.
@@ -20,14 +27,29 @@ class LanguageModel(L.LightningModule):
     ``model`` holds ``ModelConfig`` fields (with ``num_tokens`` set); ``optim`` holds
     ``optimizer`` and ``scheduler`` configs with ``_target_`` and ``_partial_: true``. Both are
     plain data and are saved with checkpoints as hyperparameters.
+
+    ``nonfinite_loss``: ``{"action": "stop" | "skip", "max_skips": N}``. On a NaN/Inf loss, ``stop``
+    raises ``NonFiniteLossError`` naming the step (no checkpoint is written, so the last good one
+    stays); ``skip`` drops the batch's update, at most N times in a run, then stops.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], tokenizer: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        tokenizer: Optional[dict[str, Any]] = None,
+        nonfinite_loss: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
         self.val_loss = MeanMetric()
+        guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
+        if guard["action"] not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss.action must be 'stop' or 'skip', got {guard['action']!r}")
+        self.nonfinite_action, self.max_nonfinite_skips = guard["action"], int(guard["max_skips"])
+        self.nonfinite_skips = 0
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -37,13 +59,30 @@ class LanguageModel(L.LightningModule):
         logits = self.model(inputs)  # (B, N, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._loss(batch)
+        # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return self._on_nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
         schedulers = self.lr_schedulers()
         if schedulers is not None:
             self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
         return loss
+
+    def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        where = f"at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
+        if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
+            self.nonfinite_skips += 1
+            log.warning(
+                "non-finite training loss (%s) %s: batch skipped (%d of at most %d)",
+                loss.item(), where, self.nonfinite_skips, self.max_nonfinite_skips,
+            )
+            return None
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} {where}; stopping. The last good checkpoint is kept: resume with "
+            "ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.val_loss.update(self._loss(batch), weight=batch[0].shape[0])

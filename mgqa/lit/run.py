@@ -10,9 +10,13 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mgqa.data import build_tokenizer
+from mgqa.lit.callbacks import SignalCheckpoint
+from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
+from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
@@ -60,24 +64,71 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     datamodule: TextDataModule = instantiate(cfg.data)
     datamodule.check_files()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = LanguageModel(model=model_cfg.to_dict(), optim=optim, tokenizer=datamodule.tokenizer.state())
+    nonfinite = OmegaConf.to_container(cfg.nonfinite_loss, resolve=True) if cfg.get("nonfinite_loss") else None
+    module = LanguageModel(
+        model=model_cfg.to_dict(), optim=optim, tokenizer=datamodule.tokenizer.state(), nonfinite_loss=nonfinite
+    )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     trainer_cfg.pop("_target_", None)
+    if isinstance(trainer_cfg.get("strategy"), dict):  # a strategy object, e.g. conf/trainer/ddp.yaml
+        trainer_cfg["strategy"] = instantiate(cfg.trainer.strategy)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_group(cfg.get("logger")) or False
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers)
+    plugins = list(trainer_cfg.pop("plugins", None) or [])
+    if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
+        plugins.append(AtomicCheckpointIO())
+    trainer_cfg.setdefault("default_root_dir", str(cfg.run_dir))
+    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
     return module, datamodule, trainer
 
 
+def resolve_resume(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig) -> tuple[Optional[Path], int]:
+    """The checkpoint to resume from (None: a fresh start) and its optimizer step.
+
+    ``ckpt_path=last`` picks the newest loadable checkpoint of the run directory and starts fresh,
+    with a notice, when there is none. A fresh start never overwrites an earlier run's checkpoints.
+    The checkpoint must match the run's model and tokenizer.
+    """
+    requested = cfg.get("ckpt_path")
+    tokenizer = build_tokenizer(cfg.data.tokenizer).state()
+    if requested is None:
+        existing = checkpoint_candidates(run_dir)
+        if existing:
+            raise ConfigError(
+                f"run directory {run_dir} already holds checkpoints ({', '.join(p.name for p in existing[:3])}); "
+                "resume it with ckpt_path=last, or choose another run_name"
+            )
+        return None, 0
+    if str(requested) == "last":
+        found = find_resume_checkpoint(run_dir)
+        if found is None:
+            rank_zero_info(f"ckpt_path=last: no checkpoint in {run_dir}, starting a new run")
+            return None, 0
+        path, checkpoint = found
+    else:
+        path = Path(requested)
+        checkpoint = load_checkpoint(path)
+    check_compatible(path, checkpoint, model_cfg.to_dict(), tokenizer)
+    step = int(checkpoint.get("global_step", 0))
+    rank_zero_info(f"resuming from {path} (step {step})")
+    return path, step
+
+
 def train(cfg: DictConfig) -> Optional[float]:
-    """Fit, validate once more, print the final validation loss and a sample. Returns the final val loss."""
+    """Fit, validate once more, print the final validation loss and a sample. Returns the final val loss.
+
+    Stopped by a signal, it saves ``last.ckpt`` and returns None without the final report.
+    """
     run_dir = Path(cfg.run_dir)
+    model_cfg = resolve_model_config(cfg)
+    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist or is not a file")
+    if rank_zero_only.rank == 0:
+        # Rows after the resumed step are logged again; a fresh start begins an empty file.
+        truncate_metrics(run_dir / "metrics.csv", start_step)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
@@ -93,9 +144,24 @@ def train(cfg: DictConfig) -> Optional[float]:
             module.model_config.kv_heads,
             module.model.kv_cache_bytes_per_token(),
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopper = next((c for c in trainer.callbacks if isinstance(c, SignalCheckpoint)), None)
+    if stopper is not None and stopper.saved_at_step is not None:
+        rank_zero_info(f"stopped at step {stopper.saved_at_step}; continue with: python train.py run_name=... ckpt_path=last")
+        return None
+    save_final_checkpoint(trainer)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     val_loss = float(results[0]["val/loss"]) if results else None
     if trainer.is_global_zero:
         final_report(module, datamodule.tokenizer, run_dir, val_loss, cfg.get("sample"))
     return val_loss
+
+
+def save_final_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` at the end of training unless a checkpoint callback already did at this step."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.save_last and callback.dirpath:
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            if callback._last_global_step_saved != trainer.global_step or not path.is_file():
+                trainer.save_checkpoint(path)
+            return

@@ -38,9 +38,15 @@ def test_compose_and_train_a_few_steps(tmp_path, capsys):
 
 def test_resume_continues_step_count_and_schedule(tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = (*TINY, "trainer.max_steps=10", "callbacks.model_checkpoint.save_top_k=-1", "sample.max_new_tokens=0")
+    common = (
+        *TINY,
+        "trainer.max_steps=10",
+        "callbacks.latest_checkpoint.every_n_train_steps=3",
+        "callbacks.latest_checkpoint.save_top_k=-1",
+        "sample.max_new_tokens=0",
+    )
     train(compose(*common, f"run_dir={first}"))
-    ckpt = first / "checkpoints" / "best-step6.ckpt"
+    ckpt = first / "checkpoints" / "step000006.ckpt"
     assert ckpt.is_file()
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 6
     train(compose(*common, f"run_dir={resumed}", f"ckpt_path={ckpt}"))

@@ -1,0 +1,133 @@
+"""Checkpoint files that survive faults: atomic writes, safe loads, and picking what to resume.
+
+- ``AtomicCheckpointIO`` writes to a temporary file in the same directory, fsyncs it, renames it
+  over the target and fsyncs the directory: a ``kill -9`` at any moment leaves either the old file
+  or the new one, never a torn one. It loads with ``torch.load(weights_only=True)``, so a checkpoint
+  cannot run code.
+- ``find_resume_checkpoint`` implements ``ckpt_path=last``: the newest checkpoint of a run that loads.
+- ``check_compatible`` compares a checkpoint's stored hyperparameters with the current run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mgqa.model.config import ConfigError
+
+log = logging.getLogger("mgqa")
+
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code from it (``weights_only=True``).
+
+    Raises ``FileNotFoundError`` or ``CheckpointError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: it holds objects that are not plain data and loading "
+            f"them could run code ({str(err).splitlines()[0]})"
+        ) from err
+    except Exception as err:  # torch.load fails in many ways on torn or foreign bytes
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not an mgqa/Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO with durable atomic saves and code-free loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location)
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, newest first (by modification time)."""
+    found = [p for p in run_dir.glob(f"checkpoints/*{CHECKPOINT_SUFFIX}") if p.is_file()]
+    found += [p for p in run_dir.glob(f"hpc_ckpt_*{CHECKPOINT_SUFFIX}") if p.is_file()]  # SLURM requeue saves
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def find_resume_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The newest checkpoint of ``run_dir`` that loads, with its contents; None if there is none.
+
+    Files that fail to load are skipped with a warning naming them.
+    """
+    for path in checkpoint_candidates(run_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping %s", err)
+    return None
+
+
+def check_compatible(path: Path, checkpoint: dict[str, Any], model: dict[str, Any], tokenizer: Optional[dict[str, Any]]) -> None:
+    """Raise ``CheckpointError`` listing every model or tokenizer field that differs."""
+    stored = checkpoint.get("hyper_parameters") or {}
+    stored_model = stored.get("model") or {}
+    if not stored_model:
+        raise CheckpointError(f"checkpoint {path} carries no model hyperparameters; it was not written by mgqa")
+    diffs = [
+        f"model.{key}: checkpoint {stored_model.get(key)!r}, this run {model.get(key)!r}"
+        for key in sorted(set(stored_model) | set(model))
+        if key != "attn_backend" and stored_model.get(key) != model.get(key)
+    ]
+    stored_tok = stored.get("tokenizer")
+    if tokenizer is not None and stored_tok is not None and stored_tok != tokenizer:
+        diffs.append(f"tokenizer: checkpoint {stored_tok!r}, this run {tokenizer!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match this run's config:\n  " + "\n  ".join(diffs))
