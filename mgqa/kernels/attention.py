@@ -91,21 +91,44 @@ USE_TMA = os.environ.get("MGQA_TRITON_TMA", "1") != "0"
 _allocator_set = False
 
 
-def _tma_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _tma_ok(*tensors: torch.Tensor) -> bool:
     global _allocator_set
+    q = tensors[0]
     if not USE_TMA or INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    head_dim, elem = k.shape[-1], k.element_size()
+    head_dim, elem = q.shape[-1], q.element_size()
     if head_dim & (head_dim - 1):
         return False
-    for t in (k, v):
-        if t.data_ptr() % 16 or (t.stride(2) * elem) % 16 or t.stride(-1) != 1:
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(t.stride(i) == 0 or (t.stride(i) * elem) % 16
+                                                          for i in range(3)):
             return False
     if not _allocator_set:
         # In-kernel descriptors need a little global scratch memory, taken from PyTorch's allocator.
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         _allocator_set = True
     return True
+
+
+FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
+
+
+def _dkdv_splits(batch: int, kv_heads: int, n_k: int, group: int, device: torch.device) -> int:
+    """How many programs share one KV tile's group, so that few KV heads still fill the GPU.
+
+    Each split writes an fp32 partial that is summed afterwards (deterministic, no atomics); the
+    partials are (splits, B, Hkv, Nk, D), far below a (B, H, Nk, D) temporary since splits << group.
+    """
+    if FORCE_DKDV_SPLITS is not None:
+        return FORCE_DKDV_SPLITS
+    if INTERPRET or group == 1:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * kv_heads * triton.cdiv(n_k, 128)
+    splits = 1
+    while programs * splits < 2 * sms and group % (splits * 2) == 0 and splits < 8:
+        splits *= 2
+    return splits
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -168,13 +191,25 @@ def attention_backward(
     )
 
     def grid_kv(cfg):
-        return (batch * kv_heads * triton.cdiv(n_k, cfg["BLOCK_N"]),)
+        return (batch * kv_heads * splits * triton.cdiv(n_k, cfg["BLOCK_N"]),)
 
+    use_tma = _tma_ok(q, k, v, grad_out)
+    splits = _dkdv_splits(batch, kv_heads, n_k, meta["GROUP"], q.device)
+    if splits == 1:
+        dk_part, dv_part, split_stride = dk, dv, 0
+    else:
+        dk_part = torch.empty((splits, batch, kv_heads, n_k, head_dim), dtype=torch.float32, device=q.device)
+        dv_part = torch.empty_like(dk_part)
+        split_stride = dk_part.stride(0)
     _attn_bwd_dkdv[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk),
-        n_q, n_k, kv_heads, qk_scale, scale, **meta,
+        q, k, v, grad_out, lse, delta, dk_part, dv_part,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), split_stride,
+        *(dk_part.stride(i) for i in range(-4, -1)),
+        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, **meta,
     )
+    if splits > 1:
+        dk.copy_(dk_part.sum(0))
+        dv.copy_(dv_part.sum(0))
 
     def grid_q(cfg):
         return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
@@ -182,7 +217,7 @@ def attention_backward(
     _attn_bwd_dq[grid_q](
         q, k, v, grad_out, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-        n_q, n_k, heads, qk_scale, scale, **meta,
+        n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), **meta,
     )
     return dq, dk, dv
 

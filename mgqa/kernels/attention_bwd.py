@@ -57,15 +57,19 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0, offs_d,
-    key_pos, n_q, offset, qk_scale,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, q_desc, do_desc, head, lse_base, delta_base, stride_qn, stride_dn, start_m,
+    offs_m0, offs_d, key_pos, n_q, offset, qk_scale,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
     row_ok = offs_m < n_q
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
+    if USE_TMA:
+        q = q_desc.load([head, start_m, 0]).reshape(offs_m0.shape[0], offs_d.shape[0])
+        do = do_desc.load([head, start_m, 0]).reshape(offs_m0.shape[0], offs_d.shape[0])
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
     # Rows past n_q get lse = +inf, hence p = 0: no explicit row mask needed below.
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -82,7 +86,7 @@ def _dkdv_step(
 
 @triton.autotune(
     configs=_DKDV_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -92,15 +96,19 @@ def _attn_bwd_dkdv(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dn,
-    stride_gb, stride_gh, stride_gn,  # dK and dV share one contiguous layout
+    stride_gs, stride_gb, stride_gh, stride_gn,  # dK and dV share one contiguous layout
     n_q, n_k, kv_heads, qk_scale, sm_scale,
     N_BUCKET,
+    SPLITS,  # the group is split over this many programs, each writing its own fp32 partial
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
     num_n = tl.cdiv(n_k, BLOCK_N)
-    pid_bkv = tl.program_id(0) // num_n
+    pid_rest = tl.program_id(0) // num_n
+    split = pid_rest % SPLITS
+    pid_bkv = pid_rest // SPLITS
     batch = pid_bkv // kv_heads
     kv_head = pid_bkv % kv_heads
     start_n = (tl.program_id(0) % num_n) * BLOCK_N
@@ -126,8 +134,19 @@ def _attn_bwd_dkdv(
         lo = 0
         mid = 0
 
-    for g in range(GROUP):
-        head = (kv_head * GROUP + g).to(tl.int64)
+    heads = kv_heads * GROUP
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(Q + batch.to(tl.int64) * stride_qb, shape=[heads, n_q, HEAD_DIM],
+                                           strides=[stride_qh, stride_qn, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + batch.to(tl.int64) * stride_db, shape=[heads, n_q, HEAD_DIM],
+                                            strides=[stride_dh, stride_dn, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    else:
+        q_desc = Q
+        do_desc = DO
+    per_split = GROUP // SPLITS
+    for g in range(split * per_split, (split + 1) * per_split):
+        head32 = kv_head * GROUP + g
+        head = head32.to(tl.int64)
         bh = batch.to(tl.int64) * (kv_heads * GROUP) + head
         q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh
         do_base = DO + batch.to(tl.int64) * stride_db + head * stride_dh
@@ -135,30 +154,34 @@ def _attn_bwd_dkdv(
         delta_base = Delta + bh * n_q
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0,
-                offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, True, INPUT_PRECISION,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
+                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, True, INPUT_PRECISION, USE_TMA,
             )
         for start_m in range(mid, n_q, BLOCK_M):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_m0,
-                offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, False, INPUT_PRECISION,
+                dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
+                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, False, INPUT_PRECISION, USE_TMA,
             )
 
-    out_off = batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh + offs_n[:, None] * stride_gn
+    out_off = (split.to(tl.int64) * stride_gs + batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
+               + offs_n[:, None] * stride_gn)
     tl.store(DK + out_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos, n_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos,
+    n_k, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n0
     k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
+    if USE_TMA:
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    elif MASKED:
         kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -183,7 +206,7 @@ def _dq_step(
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP"],
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -198,6 +221,7 @@ def _attn_bwd_dq(
     N_BUCKET,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # Same 1-D order as the forward: (batch, kv_head, query block, group member).
     num_m = tl.cdiv(n_q, BLOCK_M)
@@ -228,6 +252,14 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
 
     offset = n_k - n_q
     q_pos = offs_m + offset
@@ -240,11 +272,11 @@ def _attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos,
-                      n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n0,
+                      offs_d, q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA)
     for start_n in range(hi_full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_n0, offs_d, q_pos,
-                      n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n0,
+                      offs_d, q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION, USE_TMA)
 
     tl.store(DQ + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)

@@ -119,6 +119,14 @@ def test_strided_views(layout):
     check_against_reference(q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("splits", [2, 4])
+def test_group_split_over_programs(monkeypatch, splits):
+    # Few KV heads spread each group over several programs whose fp32 partials are then summed.
+    monkeypatch.setattr(kernels, "FORCE_DKDV_SPLITS", splits)
+    q, k, v = make_inputs(1, 4, 1, 23, 23, 64, torch.float32)
+    check_against_reference(q, k, v, causal=True)
+
+
 def test_custom_scale_and_ops_dispatch():
     q, k, v = make_inputs(1, 4, 2, 18, 18, 64, torch.float32)
     check_against_reference(q, k, v, causal=False, scale=0.3,
