@@ -1,6 +1,17 @@
-"""Tokenizers and datasets. No Lightning here: ``mgqa.lit`` wraps these in a DataModule."""
+"""Tokenizers and streaming datasets. No Lightning here: ``mgqa.lit`` wraps these in a DataModule."""
 
-from mgqa.data.text import PackedWindows, pack, read_documents, resolve_files, split_documents
-from mgqa.data.tokenizer import ByteTokenizer, build_tokenizer
+from mgqa.data.sources import DocumentSource, resolve_files
+from mgqa.data.stream import PackedStream, count_tokens, holdout_by_count, holdout_by_hash
+from mgqa.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
-__all__ = ["ByteTokenizer", "PackedWindows", "build_tokenizer", "pack", "read_documents", "resolve_files", "split_documents"]
+__all__ = [
+    "ByteTokenizer",
+    "DocumentSource",
+    "HFTokenizer",
+    "PackedStream",
+    "build_tokenizer",
+    "count_tokens",
+    "holdout_by_count",
+    "holdout_by_hash",
+    "resolve_files",
+]

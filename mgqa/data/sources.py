@@ -1,0 +1,106 @@
+"""Where documents come from: local txt/jsonl/parquet files or a hub dataset, streamed by HF ``datasets``.
+
+A source is a list of shards (one per file for local data; the dataset's own shards for the hub),
+each an ordered stream of documents. Shards are the unit the sampler shuffles and hands out.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+# HF builder per file extension; `sample_by="document"` makes each .txt file one document.
+BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_files(pattern: str | Sequence[str]) -> list[Path]:
+    """Expand one glob or a list of globs/paths into sorted files; raise naming what matched nothing."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    if not patterns:
+        raise FileNotFoundError("data.files is empty: give at least one file or glob")
+    files: list[Path] = []
+    for pat in patterns:
+        matches = sorted(Path(p) for p in glob.glob(str(pat), recursive=True))
+        matches = [m for m in matches if m.is_file()]
+        if not matches:
+            raise FileNotFoundError(f"data file pattern {str(pat)!r} matched no files (cwd: {Path.cwd()})")
+        files.extend(matches)
+    return files
+
+
+def _builder_for(files: Sequence[Path]) -> str:
+    kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if f.suffix.lower() not in BUILDERS)
+        raise ValueError(f"data file {str(bad)!r} has an unknown extension; supported: {sorted(BUILDERS)}")
+    if len(kinds) > 1:
+        raise ValueError(f"data files mix formats {sorted(kinds)}; use one format per split")
+    return kinds.pop()
+
+
+class DocumentSource:
+    """Documents of one split, streamed (``streaming=True``) from local files or the hub.
+
+    Local: ``files`` (globs) of one format; ``.txt`` files are one document each, jsonl/parquet rows
+    are documents with the text in ``text_field``. Hub: ``hub_path`` (+ ``hub_name`` config) and
+    ``split``, e.g. ``HuggingFaceFW/fineweb-edu``, ``sample-10BT``, ``train``; a local directory laid
+    out like a hub dataset repository works the same way.
+    """
+
+    def __init__(
+        self,
+        files: str | Sequence[str] | None = None,
+        text_field: str = "text",
+        hub_path: Optional[str] = None,
+        hub_name: Optional[str] = None,
+        split: str = "train",
+    ) -> None:
+        from datasets import load_dataset  # noqa: PLC0415 (slow import; only when data is read)
+
+        if (files is None) == (hub_path is None):
+            raise ValueError("give exactly one of data.files (local files) or data.hub.path (a hub dataset)")
+        self.text_field = text_field
+        if files is not None:
+            self.files = resolve_files(files)
+            builder = _builder_for(self.files)
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            self.dataset = load_dataset(
+                builder, data_files={"train": [str(f) for f in self.files]}, split="train", streaming=True, **extra
+            )
+            self.names = [str(f) for f in self.files]
+        else:
+            self.files = []
+            self.dataset = load_dataset(hub_path, name=hub_name, split=split, streaming=True)
+            label = f"{hub_path}" + (f" ({hub_name})" if hub_name else "") + f" split {split!r}"
+            self.names = [f"{label} shard {i}" for i in range(self.dataset.n_shards)]
+        if len(self.names) != self.dataset.n_shards:
+            raise RuntimeError(f"expected {len(self.names)} shards, the dataset has {self.dataset.n_shards}")
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.names)
+
+    def documents(self, shard: int) -> Iterator[str]:
+        """The documents of ``shard`` in order; errors name the file (or shard) and the field."""
+        name = self.names[shard]
+        stream = self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)
+        try:
+            # `.iter` rather than `for row in stream`: inside a DataLoader worker the latter splits the
+            # shards again over the workers, and this shard is already one worker's share.
+            for batch in stream.iter(batch_size=64):
+                if self.text_field not in batch:
+                    raise ValueError(
+                        f"text field {self.text_field!r} is not in {name}; its fields are {sorted(batch)} "
+                        "(set data.text_field)"
+                    )
+                for text in batch[self.text_field]:
+                    if text is None:
+                        continue
+                    if not isinstance(text, str):
+                        raise ValueError(
+                            f"text field {self.text_field!r} of {name} holds {type(text).__name__}, not text"
+                        )
+                    yield text
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name} is not UTF-8 text ({err.reason} at byte {err.start})") from err

@@ -1,0 +1,315 @@
+"""Streamed documents -> tokens -> packed windows, sharded over DDP ranks and dataloader workers.
+
+Every reader ("consumer": one dataloader worker of one rank, ``world_size * num_workers`` in all)
+yields the same number of windows per epoch, so all ranks run the same number of steps and DDP
+never waits on a rank that ran dry. Two ways to get there:
+
+* **counted** (``batches_per_epoch=None``, the default): one pass at set-up counts the tokens of
+  every document. An epoch is one token stream (shards in a seeded order that changes every
+  epoch, each document followed by end-of-text); it is cut into ``C`` equal, contiguous ranges of
+  ``n`` windows, ``n`` a multiple of the batch size. A consumer reads only the shards overlapping
+  its range and tokenizes only the documents in it. Every token of the split is a training target
+  exactly once per epoch, except a tail of fewer than ``C * (batch_size + 1)`` windows that cannot
+  fill a batch on every consumer (it changes with the epoch's order).
+* **fixed** (``batches_per_epoch=K``): no counting pass, for corpora too large to read at set-up
+  (hub datasets). Consumers take disjoint shards (or every C-th document when there are fewer
+  shards than consumers); each yields exactly ``K / num_workers`` batches, and one whose share
+  runs out first starts another pass over the data in a new order.
+
+Windows hold ``seq_len + 1`` tokens with stride ``seq_len`` (inputs and shifted targets), no padding.
+Within a consumer a seeded shuffle buffer mixes windows across documents. The position
+(``epoch``, windows yielded) is the state for exact resume: restoring regenerates the epoch's
+deterministic stream and skips what was already yielded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import zlib
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mgqa.data.sources import DocumentSource
+
+# (shard, index of the document in its shard) -> does this split keep it?
+DocFilter = Callable[[int, int], bool]
+
+
+def _keep_all(shard: int, j: int) -> bool:
+    return True
+ENCODE_BATCH = 64  # documents per tokenizer call (the Rust tokenizers parallelise within a call)
+
+
+def count_tokens(source: DocumentSource, tokenizer) -> list[list[int]]:
+    """Tokens of every document, per shard (without end-of-text). One full pass over the source."""
+    counts = []
+    for shard in range(source.num_shards):
+        shard_counts: list[int] = []
+        batch: list[str] = []
+        for text in source.documents(shard):
+            batch.append(text)
+            if len(batch) == ENCODE_BATCH:
+                shard_counts.extend(tokenizer.count_batch(batch))
+                batch = []
+        if batch:
+            shard_counts.extend(tokenizer.count_batch(batch))
+        counts.append(shard_counts)
+    return counts
+
+
+class HeldOut:
+    """A picklable document filter (it travels to dataloader workers): documents in ``keys``, or, with
+    ``fraction``, each document with that probability by a hash of its position and ``seed``.
+    ``invert=True`` selects the other documents (the training side)."""
+
+    def __init__(self, keys: Optional[set] = None, fraction: Optional[float] = None, seed: int = 0, invert: bool = False):
+        self.keys, self.seed, self.invert = keys, seed, invert
+        self.threshold = None if fraction is None else int(fraction * 2**32)
+
+    def __call__(self, shard: int, j: int) -> bool:
+        if self.threshold is not None:
+            held = zlib.crc32(f"{self.seed}:{shard}:{j}".encode()) < self.threshold
+        else:
+            held = (shard, j) in self.keys
+        return held != self.invert
+
+    def complement(self) -> "HeldOut":
+        other = HeldOut(self.keys, None, self.seed, not self.invert)
+        other.threshold = self.threshold
+        return other
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def holdout_by_count(counts: Sequence[Sequence[int]], val_fraction: float, seed: int) -> HeldOut:
+    """``max(1, round(n * val_fraction))`` of the ``n`` non-empty documents, chosen by ``seed``."""
+    _check_fraction(val_fraction)
+    keys = [(s, j) for s, shard in enumerate(counts) for j, n in enumerate(shard) if n > 0]
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 non-empty documents to hold one out for validation, got {len(keys)}")
+    random.Random(seed).shuffle(keys)
+    return HeldOut(keys=set(keys[: max(1, round(len(keys) * val_fraction))]))
+
+
+def holdout_by_hash(val_fraction: float, seed: int) -> HeldOut:
+    """Hold out each document with probability ``val_fraction``, decided by a hash of its position
+    (no counting pass needed; the same documents on every rank and every run)."""
+    _check_fraction(val_fraction)
+    return HeldOut(fraction=val_fraction, seed=seed)
+
+
+def _cut_windows(chunks: Iterator[torch.Tensor], seq_len: int) -> Iterator[torch.Tensor]:
+    """Consecutive (seq_len + 1)-token windows with stride seq_len over the concatenated chunks."""
+    pending: list[torch.Tensor] = []
+    size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        size += chunk.numel()
+        if size < seq_len + 1:
+            continue
+        stream = torch.cat(pending)
+        n = (stream.numel() - 1) // seq_len
+        for k in range(n):
+            yield stream[k * seq_len : k * seq_len + seq_len + 1]
+        tail = stream[n * seq_len :]  # the last target of one window is the first input of the next
+        pending, size = [tail], tail.numel()
+
+
+class PackedStream(IterableDataset):
+    """Packed ``(inputs, targets)`` windows, each (seq_len,) int64, of one split of ``source``.
+
+    ``keep(shard, j)`` selects this split's documents. Pass ``counts`` (from ``count_tokens``) for
+    the counted mode or ``batches_per_epoch`` for the fixed mode (module docstring). ``rank`` and
+    ``world_size`` place this process among the DDP ranks; ``num_workers`` must match the
+    DataLoader's. ``len()`` is the number of windows per epoch of this rank.
+    """
+
+    def __init__(
+        self,
+        source: DocumentSource,
+        tokenizer,
+        seq_len: int,
+        batch_size: int,
+        *,
+        keep: Optional[DocFilter] = None,
+        counts: Optional[Sequence[Sequence[int]]] = None,
+        batches_per_epoch: Optional[int] = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 10_000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        split_name: str = "train",
+    ) -> None:
+        if (counts is None) == (batches_per_epoch is None):
+            raise ValueError("give exactly one of counts (counted epochs) or batches_per_epoch (fixed epochs)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.source, self.tokenizer, self.split_name = source, tokenizer, split_name
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.keep = keep or _keep_all
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
+        self.rank, self.world_size = rank, world_size
+        self.workers = max(1, num_workers)
+        self.consumers = world_size * self.workers
+        if counts is not None:
+            # Tokens each kept document adds to the stream: its text and an end-of-text token.
+            self.doc_tokens = [
+                [n + 1 if n > 0 and self.keep(s, j) else 0 for j, n in enumerate(shard)] for s, shard in enumerate(counts)
+            ]
+            self.shard_tokens = [sum(shard) for shard in self.doc_tokens]
+            total_windows = max(0, sum(self.shard_tokens) - 1) // seq_len
+            self.windows_per_consumer = total_windows // self.consumers // batch_size * batch_size
+            if self.windows_per_consumer == 0:
+                raise ValueError(
+                    f"the {split_name} split has {total_windows} windows of {seq_len} tokens, fewer than one batch "
+                    f"for each of {self.consumers} readers (world_size {world_size} x workers {self.workers} x "
+                    f"data.batch_size {batch_size} = {self.consumers * batch_size}); lower the batch size, seq_len "
+                    "or workers, or add text"
+                )
+        else:
+            if not isinstance(batches_per_epoch, int) or batches_per_epoch < self.workers:
+                raise ValueError(
+                    f"data.batches_per_epoch must be an integer >= num_workers ({self.workers}), got {batches_per_epoch!r}"
+                )
+            self.doc_tokens = None
+            self.windows_per_consumer = batches_per_epoch // self.workers * batch_size
+        self._next_epoch = 0
+        self._resume: Optional[tuple[int, int]] = None
+        self._epoch, self._yielded = 0, 0
+
+    def __len__(self) -> int:
+        return self.windows_per_consumer * self.workers
+
+    # -- position, saved by StatefulDataLoader once per worker -------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["yielded"]))
+
+    def _consumer(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"dataset built for {self.workers} workers runs under {info.num_workers}")
+        return self.rank * self.workers + worker
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        consumer = self._consumer()
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if skip >= self.windows_per_consumer:  # saved at the end of an epoch
+                epoch, skip = epoch + 1, 0
+        else:
+            epoch, skip = self._next_epoch, 0
+        self._next_epoch = epoch + 1
+        self._epoch, self._yielded = epoch, skip
+        windows = self._shuffled(self._windows(epoch, consumer), epoch, consumer)
+        for window in itertools.islice(windows, skip, self.windows_per_consumer):
+            self._yielded += 1
+            yield window[:-1], window[1:]  # (N,), (N,)
+
+    # -- the deterministic stream of one consumer in one epoch -------------------------------
+    def _order(self, epoch: int, rerun: int = 0) -> list[int]:
+        order = list(range(self.source.num_shards))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}/{rerun}").shuffle(order)
+        return order
+
+    def _shuffled(self, windows: Iterator[torch.Tensor], epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+        if not self.shuffle:
+            yield from windows
+            return
+        rng = random.Random(f"{self.seed}/{epoch}/consumer{consumer}")
+        buffer: list[torch.Tensor] = []
+        for window in windows:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(window.to(torch.int32))  # half the memory of int64 while buffered
+                continue
+            i = rng.randrange(len(buffer))
+            out, buffer[i] = buffer[i], window.to(torch.int32)
+            yield out.long()
+        rng.shuffle(buffer)
+        for window in buffer:
+            yield window.long()
+
+    def _windows(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+        if self.doc_tokens is not None:
+            return _cut_windows(self._range_tokens(epoch, consumer), self.seq_len)
+        return _cut_windows(self._cycled_tokens(epoch, consumer), self.seq_len)
+
+    def _encode(self, texts: list[str]) -> Iterator[torch.Tensor]:
+        eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.long)
+        for tokens in self.tokenizer.encode_batch(texts):
+            yield torch.cat((tokens, eot))
+
+    def _range_tokens(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+        """Counted mode: exactly the tokens [start, start + n * seq_len + 1) of the epoch's stream."""
+        start = consumer * self.windows_per_consumer * self.seq_len
+        end = start + self.windows_per_consumer * self.seq_len + 1
+        offset = 0
+        for shard in self._order(epoch):
+            if offset + self.shard_tokens[shard] <= start:
+                offset += self.shard_tokens[shard]  # before this consumer's range: not even read
+                continue
+            if offset >= end:
+                return
+            lengths = self.doc_tokens[shard]
+            texts: list[str] = []
+            spans: list[tuple[int, int]] = []  # the part of each document inside the range
+            for j, text in enumerate(self.source.documents(shard)):
+                if j >= len(lengths):
+                    raise RuntimeError(f"{self.source.names[shard]} changed since its tokens were counted")
+                n = lengths[j]
+                lo, hi = max(start - offset, 0), min(end - offset, n)
+                offset += n
+                if n and lo < hi:
+                    texts.append(text)
+                    spans.append((lo, hi))
+                if len(texts) == ENCODE_BATCH or offset >= end:
+                    for tokens, (a, b) in zip(self._encode(texts), spans):
+                        yield tokens[a:b]
+                    texts, spans = [], []
+                if offset >= end:
+                    return
+            for tokens, (a, b) in zip(self._encode(texts), spans):
+                yield tokens[a:b]
+
+    def _cycled_tokens(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+        """Fixed mode: this consumer's shards (or every C-th document) in passes of new orders."""
+        by_shard = self.source.num_shards >= self.consumers
+        for rerun in itertools.count():
+            order = self._order(epoch, rerun)
+            shards = order[consumer :: self.consumers] if by_shard else order
+            produced, seen, texts = 0, 0, []
+            for shard in shards:
+                for j, text in enumerate(self.source.documents(shard)):
+                    if not text or not self.keep(shard, j):
+                        continue
+                    seen += 1
+                    if not by_shard and (seen - 1) % self.consumers != consumer:
+                        continue
+                    texts.append(text)
+                    if len(texts) == ENCODE_BATCH:
+                        for tokens in self._encode(texts):
+                            produced += tokens.numel()
+                            yield tokens
+                        texts = []
+            for tokens in self._encode(texts):
+                produced += tokens.numel()
+                yield tokens
+            if produced == 0:
+                raise ValueError(
+                    f"reader {consumer} of {self.consumers} found no {self.split_name} text in a full pass over "
+                    f"{self.source.num_shards} shard(s); the split is empty or has fewer documents than readers "
+                    "(for a held-out fraction: raise data.val_fraction)"
+                )
