@@ -88,11 +88,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # interpreter and where the layout breaks the copy engine's rules (16-byte aligned rows and base,
 # head_dim a power of two). A module flag so benchmarks can compare both paths.
 USE_TMA = os.environ.get("MGQA_TRITON_TMA", "1") != "0"
-_allocator_set = False
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    global _allocator_set
     q = tensors[0]
     if not USE_TMA or INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
@@ -103,11 +101,15 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(t.stride(i) == 0 or (t.stride(i) * elem) % 16
                                                           for i in range(3)):
             return False
-    if not _allocator_set:
-        # In-kernel descriptors need a little global scratch memory, taken from PyTorch's allocator.
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+    # In-kernel descriptors need a little global scratch memory, taken from PyTorch's allocator.
+    # Triton keeps the allocator per thread (a ContextVar) and autograd runs the backward on its own
+    # thread, so set it on every launch rather than once.
+    triton.set_allocator(_scratch_alloc)
     return True
+
+
+def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
