@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import platform
+import re
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,7 @@ def print_table(rows, impls):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 9-shape subset instead of the full 48")
-    parser.add_argument("--only", default=None, help="keep shapes whose 'D,Hkv,N,causal' contains this, e.g. '128,8,'")
+    parser.add_argument("--only", default=None, help="keep shapes whose 'D,Hkv,N,causal' matches this regex, e.g. '^128,8,(4096|8192),'")
     parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -182,7 +183,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     rows = []
     for head_dim, kv_heads, n, causal in shapes(args.quick):
-        if args.only and args.only not in f"{head_dim},{kv_heads},{n},{int(causal)}":
+        if args.only and not re.search(args.only, f"{head_dim},{kv_heads},{n},{int(causal)}"):
             continue
         rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype))
         r = rows[-1]
