@@ -3,7 +3,9 @@ next to the rate at which one H100 consumes tokens when training the same config
 
     python bench/data.py                                   # the default config (conf/train.yaml)
     python bench/data.py model.dim=768 model.depth=12 model.heads=12 model.kv_heads=4 model.max_seq_len=1024
+    python bench/data.py model=gqa_125m                    # the GPU preset (2048-token windows)
     python bench/data.py --h100-step-ms 41.5 ...           # use a step time measured on an H100
+    python bench/data.py model=gqa_125m --h100-json bench/results/scaling.json   # bench/scaling.py's 1-GPU row
 
 For each tokenizer (byte, the shipped BPE) and 0, 1, 2 dataloader workers, it times one full epoch of
 the embedded corpus through the training DataLoader (after a first epoch that starts the workers),
@@ -68,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml (model and data)")
     parser.add_argument("--h100-step-ms", type=float, default=None, help="a measured H100 optimizer-step time")
+    parser.add_argument("--h100-json", default=None, help="bench/scaling.py output: its 1-GPU row of --h100-model")
+    parser.add_argument("--h100-model", default="gqa_125m", help="the model preset of the --h100-json row")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the estimate")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_pipeline.json"))
@@ -77,6 +81,13 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
     seq_len, batch = cfg.data.seq_len, cfg.data.batch_size
+    measured = None
+    if args.h100_json:
+        rows = json.loads(Path(args.h100_json).read_text())["rows"]
+        match = [r for r in rows if r.get("gpus") == 1 and r.get("model") == args.h100_model]
+        if not match:
+            raise SystemExit(f"{args.h100_json} has no 1-GPU row for model {args.h100_model!r}")
+        measured = match[0]["tokens_per_s_per_gpu"]
     rows = []
     print_header()
     for name, spec in TOKENIZERS.items():
@@ -86,7 +97,10 @@ def main() -> None:
             row = time_pipeline(cfg, spec, workers, shuffle_buffer=cfg.data.shuffle_buffer)
             row["tokenizer"] = name
             flops = train_flops_per_token(model_cfg, seq_len)
-            if args.h100_step_ms:
+            if measured is not None:
+                row["h100_tokens_per_s"] = measured
+                row["h100_source"] = f"measured: {args.h100_json}, {args.h100_model} on 1 GPU"
+            elif args.h100_step_ms:
                 row["h100_tokens_per_s"] = batch * seq_len / (args.h100_step_ms / 1e3)
                 row["h100_source"] = f"measured step {args.h100_step_ms} ms x {batch}x{seq_len} tokens"
             else:

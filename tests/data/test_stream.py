@@ -9,7 +9,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mgqa.data import ByteTokenizer, DocumentSource, PackedStream, count_tokens
 from tests.data.conftest import assert_equal_batches, corpus_counter, rank_stream, targets_counter, write_docs
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:.*set_vital")]
 
 
 def test_windows_pack_documents_with_end_of_text_and_no_padding(tmp_path):
