@@ -6,10 +6,14 @@ Configs live in conf/ (see conf/train.yaml); the work is done by mgqa.lit.run.tr
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
+from mgqa.lit.launch import job_scope
 from mgqa.lit.run import train
+from mgqa.lit.sweep import objective
 from mgqa.lit.module import NonFiniteLossError
 from mgqa.model import ConfigError
 
@@ -19,8 +23,11 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return train(cfg)
+        with job_scope():  # each job of a `-m` sweep starts clean: no process group, env or wandb run left over
+            return objective(cfg, train(cfg))
     except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the job as failed and runs the next one
         # A wrong setting or path: the message is the whole story, no traceback.
         raise SystemExit(f"error: {err}") from None
 

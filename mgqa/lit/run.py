@@ -18,6 +18,7 @@ from mgqa.lit.callbacks import SignalCheckpoint
 from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
+from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
 from mgqa.model import ConfigError, ModelConfig
@@ -135,6 +136,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     module, datamodule, trainer = build(cfg)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        log_config(trainer.loggers, cfg)
         params = module.model.num_parameters()
         log.info("run directory: %s", run_dir.resolve())
         log.info(
