@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import triton
 
-from mgqa.kernels.attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
+from mgqa.kernels.attention_bwd import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dkdv_dq, _attn_bwd_dq
 from mgqa.kernels.attention_fwd import INTERPRET, _attn_fwd
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "triton_attention", "unsupported_reason"]
@@ -112,6 +112,15 @@ def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+# Backward flavour. Deterministic (default): a separate dQ kernel, bit-identical results run to run,
+# 7 matmuls. MGQA_TRITON_DETERMINISTIC=0: dQ accumulated with fp32 atomics inside the dK/dV kernel,
+# 5 matmuls, dQ's rounding varies run to run. torch.use_deterministic_algorithms(True) forces the
+# deterministic path either way.
+DETERMINISTIC = os.environ.get("MGQA_TRITON_DETERMINISTIC", "1") != "0"
+# Forward softmax variant (see attention_fwd._fwd_step): 0 scale then max, 1 scale folded into
+# exp2's FMA, 2 folded + lazy rescaling. Variants 1-2 assume a positive scale.
+FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
+
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
 
@@ -160,9 +169,10 @@ def attention_forward(
         return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
 
     use_tma = _tma_ok(q, k, v)
+    softmax = FWD_SOFTMAX if scale > 0 else 0
     _attn_fwd[grid](
         q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, **meta,
+        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, SOFTMAX=softmax, **meta,
     )
     return out, lse
 
@@ -172,7 +182,9 @@ def attention_backward(
     lse: torch.Tensor, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: returns dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous,
-    each in its input's dtype. dK/dV are summed over each KV head's query group inside the kernel."""
+    each in its input's dtype. dK/dV are summed over each KV head's query group inside the kernel.
+    dQ comes from a separate kernel (deterministic) or, with ``DETERMINISTIC`` off, from fp32
+    atomics in the dK/dV kernel."""
     _check(q, k, v)
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     batch, heads, n_q, head_dim = q.shape
@@ -203,15 +215,22 @@ def attention_backward(
         dk_part = torch.empty((splits, batch, kv_heads, n_k, head_dim), dtype=torch.float32, device=q.device)
         dv_part = torch.empty_like(dk_part)
         split_stride = dk_part.stride(0)
-    _attn_bwd_dkdv[grid_kv](
-        q, k, v, grad_out, lse, delta, dk_part, dv_part,
+    atomic_dq = not (DETERMINISTIC or torch.are_deterministic_algorithms_enabled())
+    # fp32 sum of dS K over key blocks (unscaled), zeroed because the kernel only adds into it.
+    dq_acc = torch.zeros((batch, heads, n_q, head_dim), dtype=torch.float32, device=q.device) if atomic_dq else dq
+    kernel = _attn_bwd_dkdv_dq if atomic_dq else _attn_bwd_dkdv
+    kernel[grid_kv](
+        q, k, v, grad_out, lse, delta, dk_part, dv_part, dq_acc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), split_stride,
-        *(dk_part.stride(i) for i in range(-4, -1)),
-        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, **meta,
+        *(dk_part.stride(i) for i in range(-4, -1)), *_strides3(dq_acc),
+        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq, **meta,
     )
     if splits > 1:
         dk.copy_(dk_part.sum(0))
         dv.copy_(dv_part.sum(0))
+    if atomic_dq:
+        torch.mul(dq_acc, scale, out=dq)
+        return dq, dk, dv
 
     def grid_q(cfg):
         return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)

@@ -1,10 +1,13 @@
-"""Triton backward kernels for grouped-query attention. Deterministic: no atomics.
+"""Triton backward kernels for grouped-query attention.
 
 - ``_attn_bwd_delta``: delta_i = sum_d O_id * dO_id (float32), once per query row.
 - ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head and loops over every query
   head of its group and every query block, so dK/dV are summed over the group in registers and
   written once, straight into (B, Hkv, Nk, D).
 - ``_attn_bwd_dq``: one program owns BLOCK_M query rows of one query head and loops over keys.
+  Deterministic (no atomics), at the price of recomputing QK^T and dO V^T: 7 matmuls in all.
+- ``_attn_bwd_dkdv_dq``: the dK/dV kernel with ATOMIC_DQ, which also adds dS K into an fp32
+  (B, H, Nq, D) buffer with atomics: 5 matmuls, but dQ's summation order varies run to run.
 
 The softmax statistics come from the forward: ``lse`` is log2-sum-exp of the scaled scores
 (log2 units), +inf for rows that see no key.
@@ -30,6 +33,7 @@ def _configs(pairs) -> list[triton.Config]:
 _DKDV_CONFIGS = _configs([
     (32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)
 ])
+_DKDV_DQ_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 3)])
 # dQ: a wide query tile stays resident; key tiles stream past it.
 _DQ_CONFIGS = _configs([
     (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)
@@ -58,8 +62,9 @@ def _attn_bwd_delta(
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head, lse_base, delta_base, stride_qn, stride_dn, start_m,
-    offs_m0, offs_d, key_pos, n_q, offset, qk_scale,
+    offs_m0, offs_d, key_pos, n_q, offset, qk_scale, dq_base, stride_qqn,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     offs_m = start_m + offs_m0
     row_ok = offs_m < n_q
@@ -79,39 +84,41 @@ def _dkdv_step(
         p_t = tl.where(key_pos[:, None] <= offs_m[None, :] + offset, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_D), unscaled
+        # Relaxed: plain reductions in L2 (red), no ordering needed until the kernel ends.
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_qqn + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(
-    configs=_DKDV_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA"],
-    prune_configs_by={"early_config_prune": prune_by_tile_bytes},
-)
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dn,
     stride_gs, stride_gb, stride_gh, stride_gn,  # dK and dV share one contiguous layout
+    stride_qqb, stride_qqh, stride_qqn,  # the fp32 dQ accumulator (ATOMIC_DQ only)
     n_q, n_k, kv_heads, qk_scale, sm_scale,
     N_BUCKET,
     SPLITS,  # the group is split over this many programs, each writing its own fp32 partial
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
     num_n = tl.cdiv(n_k, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
     pid_rest = tl.program_id(0) // num_n
     split = pid_rest % SPLITS
     pid_bkv = pid_rest // SPLITS
     batch = pid_bkv // kv_heads
     kv_head = pid_bkv % kv_heads
-    start_n = (tl.program_id(0) % num_n) * BLOCK_N
+    start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -152,21 +159,46 @@ def _attn_bwd_dkdv(
         do_base = DO + batch.to(tl.int64) * stride_db + head * stride_dh
         lse_base = Lse + bh * n_q
         delta_base = Delta + bh * n_q
+        dq_base = DQ_ACC + batch.to(tl.int64) * stride_qqb + head * stride_qqh
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
-                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, True, INPUT_PRECISION, USE_TMA,
+                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                HEAD_DIM, True, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
             )
-        for start_m in range(mid, n_q, BLOCK_M):
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
-                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, HEAD_DIM, False, INPUT_PRECISION, USE_TMA,
-            )
+        if ATOMIC_DQ:
+            # Start each key block at a different query block: programs of one group would
+            # otherwise add into the same dQ rows at the same time and serialise in L2.
+            count = tl.cdiv(n_q - mid, BLOCK_M)
+            for i in range(0, count):
+                start_m = mid + ((i + pid_n) % count) * BLOCK_M
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
+                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                    HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                )
+        else:
+            for start_m in range(mid, n_q, BLOCK_M):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
+                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                    HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                )
 
     out_off = (split.to(tl.int64) * stride_gs + batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
                + offs_n[:, None] * stride_gn)
     tl.store(DK + out_off + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+_DKDV_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA", "ATOMIC_DQ"]
+_attn_bwd_dkdv = triton.autotune(
+    configs=_DKDV_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
+)(_attn_bwd_dkdv_kernel)
+# With dQ fused in, a (BLOCK_M, D) fp32 dQ tile joins the dK/dV accumulators in registers.
+_attn_bwd_dkdv_dq = triton.autotune(
+    configs=_DKDV_DQ_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
+)(_attn_bwd_dkdv_kernel)
 
 
 @triton.jit

@@ -60,7 +60,7 @@ def prune_by_tile_bytes(configs, named_args, **kwargs):
 def _fwd_step(
     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos, n_k,
     qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     cols = start_n + offs_n  # (BLOCK_N,)
     k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
@@ -79,25 +79,53 @@ def _fwd_step(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    if MASKED:
-        keep = cols[None, :] < n_k
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= q_pos[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
-    # m_i starts at a finite -1e30, so a row with every key masked gets p = 0 instead of NaN.
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_new
+    if SOFTMAX == 0:
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = cols[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        # m_i starts at a finite -1e30, so a row with every key masked gets p = 0 instead of NaN.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    else:
+        # Raw scores; the (positive) scale goes into the exp2 argument as one FMA per element.
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keep = cols[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if SOFTMAX == 1:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        else:
+            # Lazy rescaling: keep a stale row max until some row's max grows by more than 8
+            # (log2 units). Until then p <= 2^8, harmless in fp32 and in the fp16/bf16 P operand,
+            # and the block skips the (BLOCK_M, D) multiply of the accumulator.
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_i
 
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA"],
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA", "SOFTMAX"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -112,6 +140,7 @@ def _attn_fwd(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    SOFTMAX: tl.constexpr,  # 0: scale then max; 1: scale folded into exp2's FMA; 2: 1 + lazy rescaling
 ):
     # 1-D grid ordered (batch, kv_head, query block, group member), the member fastest: the
     # programs running at once share one KV head's K/V tiles, which then come from L2.
@@ -165,13 +194,13 @@ def _attn_fwd(
     for start_n in range(0, hi_full, BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos,
-            n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA,
+            n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA, SOFTMAX,
         )
     # The diagonal and the ragged end of the keys: masked.
     for start_n in range(hi_full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos,
-            n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION, USE_TMA,
+            n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION, USE_TMA, SOFTMAX,
         )
 
     # Rows that see no key (causal with n_q > n_k) output 0 and store lse = +inf, so the

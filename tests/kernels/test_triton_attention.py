@@ -127,6 +127,76 @@ def test_group_split_over_programs(monkeypatch, splits):
     check_against_reference(q, k, v, causal=True)
 
 
+# (batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype) for the non-default paths.
+VARIANT_CASES = [
+    (1, 4, 1, 37, 37, 64, True, torch.float32),
+    (2, 4, 2, 33, 33, 64, False, torch.float32),
+    (1, 4, 2, 7, 40, 64, True, torch.float32),
+    (1, 2, 1, 29, 11, 64, True, torch.float32),
+    (1, 4, 1, 21, 35, 128, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,head_dim,causal,dtype", VARIANT_CASES)
+def test_atomic_dq_matches_float64_reference(monkeypatch, batch, heads, kv_heads, n_q, n_k, head_dim, causal,
+                                             dtype):
+    # dQ accumulated with fp32 atomics inside the dK/dV kernel (MGQA_TRITON_DETERMINISTIC=0).
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    launched = []
+    monkeypatch.setattr(kernels, "_attn_bwd_dq", _Spy(kernels._attn_bwd_dq, launched))
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype)
+    check_against_reference(q, k, v, causal)
+    assert not launched, "the separate dQ kernel ran on the atomic path"
+
+
+def test_atomic_dq_with_group_split(monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    monkeypatch.setattr(kernels, "FORCE_DKDV_SPLITS", 2)
+    q, k, v = make_inputs(1, 4, 1, 23, 23, 64, torch.float32)
+    check_against_reference(q, k, v, causal=False)
+
+
+def test_deterministic_algorithms_override_atomic_dq(monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    launched = []
+    monkeypatch.setattr(kernels, "_attn_bwd_dq", _Spy(kernels._attn_bwd_dq, launched))
+    q, k, v = make_inputs(1, 2, 1, 9, 9, 64, torch.float32)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        kernels.triton_attention(q, k, v, causal=True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert launched, "the deterministic dQ kernel did not run"
+
+
+class _Spy:
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("softmax", [1, 2])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,head_dim,causal,dtype", VARIANT_CASES)
+def test_forward_softmax_variants(monkeypatch, softmax, batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype):
+    # 1: scale folded into exp2's FMA; 2: plus lazy rescaling of the accumulator.
+    monkeypatch.setattr(kernels, "FWD_SOFTMAX", softmax)
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype)
+    check_against_reference(q, k, v, causal)
+
+
+def test_lazy_rescaling_with_growing_scores(monkeypatch):
+    # Scores that rise along the keys force rescales at some blocks and skip them at others.
+    monkeypatch.setattr(kernels, "FWD_SOFTMAX", 2)
+    q, k, v = make_inputs(1, 2, 1, 40, 40, 64, torch.float32)
+    with torch.no_grad():
+        k.mul_(torch.linspace(0.1, 6.0, 40).view(1, 1, 40, 1))
+    check_against_reference(q, k, v, causal=False)
+
+
 def test_custom_scale_and_ops_dispatch():
     q, k, v = make_inputs(1, 4, 2, 18, 18, 64, torch.float32)
     check_against_reference(q, k, v, causal=False, scale=0.3,
@@ -182,6 +252,17 @@ GPU_CASES = [
 def test_gpu_matches_reference(batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype):
     q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype, layout="strided")
     check_against_reference(q, k, v, causal)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("softmax", [0, 2])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,head_dim,causal", GPU_CASES[:4])
+def test_gpu_atomic_dq_and_lazy_softmax(monkeypatch, softmax, batch, heads, kv_heads, n_q, n_k, head_dim, causal):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    monkeypatch.setattr(kernels, "FWD_SOFTMAX", softmax)
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, torch.bfloat16, layout="strided")
+    check_against_reference(q, k, v, causal, label=f"atomic_dq_softmax{softmax}:bf16")
 
 
 @pytest.mark.gpu
