@@ -62,7 +62,7 @@ def _attn_bwd_delta(
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head, lse_base, delta_base, stride_qn, stride_dn, start_m,
-    offs_m0, offs_d, key_pos, n_q, offset, qk_scale, dq_base, stride_qqn,
+    offs_m0, offs_d, key_pos, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
 ):
@@ -88,9 +88,14 @@ def _dkdv_step(
     dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_D), unscaled
-        # Relaxed: plain reductions in L2 (red), no ordering needed until the kernel ends.
-        tl.atomic_add(dq_base + offs_m[:, None] * stride_qqn + offs_d[None, :], dq,
-                      mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        if USE_TMA:
+            # One bulk reduce-add of the whole tile by the copy engine (rows past n_q are clipped),
+            # instead of BLOCK_M * D scalar atomics.
+            dq_desc.atomic_add([head, start_m, 0], dq.reshape(1, offs_m0.shape[0], offs_d.shape[0]))
+        else:
+            # Relaxed: plain reductions in L2, no ordering needed until the kernel ends.
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_qqn + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -147,9 +152,16 @@ def _attn_bwd_dkdv_kernel(
                                            strides=[stride_qh, stride_qn, 1], block_shape=[1, BLOCK_M, BLOCK_D])
         do_desc = tl.make_tensor_descriptor(DO + batch.to(tl.int64) * stride_db, shape=[heads, n_q, HEAD_DIM],
                                             strides=[stride_dh, stride_dn, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+        if ATOMIC_DQ:
+            dq_desc = tl.make_tensor_descriptor(DQ_ACC + batch.to(tl.int64) * stride_qqb,
+                                                shape=[heads, n_q, HEAD_DIM], strides=[stride_qqh, stride_qqn, 1],
+                                                block_shape=[1, BLOCK_M, BLOCK_D])
+        else:
+            dq_desc = DQ_ACC
     else:
         q_desc = Q
         do_desc = DO
+        dq_desc = DQ_ACC
     per_split = GROUP // SPLITS
     for g in range(split * per_split, (split + 1) * per_split):
         head32 = kv_head * GROUP + g
@@ -163,7 +175,7 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
-                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
                 HEAD_DIM, True, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
             )
         if ATOMIC_DQ:
@@ -174,14 +186,14 @@ def _attn_bwd_dkdv_kernel(
                 start_m = mid + ((i + pid_n) % count) * BLOCK_M
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
-                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
                     HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
                 )
         else:
             for start_m in range(mid, n_q, BLOCK_M):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
-                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, stride_qqn,
+                    stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
                     HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
                 )
 
@@ -196,8 +208,10 @@ _attn_bwd_dkdv = triton.autotune(
     configs=_DKDV_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )(_attn_bwd_dkdv_kernel)
 # With dQ fused in, a (BLOCK_M, D) fp32 dQ tile joins the dK/dV accumulators in registers.
+# reset_to_zero: the kernel adds into DQ_ACC, so each autotuning trial must start from zeros.
 _attn_bwd_dkdv_dq = triton.autotune(
     configs=_DKDV_DQ_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
+    reset_to_zero=["DQ_ACC"],
 )(_attn_bwd_dkdv_kernel)
 
 
