@@ -48,8 +48,10 @@ class TokenThroughput(L.Callback):
 
 class SignalCheckpoint(L.Callback):
     """On SIGTERM or SIGINT (and SIGUSR1 outside SLURM), finish the current optimizer step, save
-    ``last.ckpt`` and stop training cleanly.
+    ``last.ckpt`` and stop training cleanly. Also saves ``last.ckpt`` after the final optimizer
+    step (``trainer.max_steps``), so a finished run can be continued with more steps.
 
+    Both saves happen at the end of a training batch, the state Lightning resumes from exactly.
     Under SLURM with auto-requeue, SIGUSR1 is left to Lightning's own requeue handler.
     """
 
@@ -84,15 +86,18 @@ class SignalCheckpoint(L.Callback):
     ) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
             return  # only between optimizer steps: no half-accumulated gradients to lose
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if not final and not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         trainer.save_checkpoint(self.path)
-        self.saved_at_step = trainer.global_step
-        trainer.should_stop = True
         # Stopping runs the epoch-end hooks; a checkpoint written there would look like an
         # end-of-epoch state and resume at the next epoch. Mark this step as saved.
         for callback in trainer.checkpoint_callbacks:
             callback._last_global_step_saved = trainer.global_step
+        if final:
+            return
+        self.saved_at_step = trainer.global_step
+        trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         rank_zero_info(f"received {name}: saved {self.path} at step {trainer.global_step}; stopping")
 

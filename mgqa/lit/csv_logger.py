@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,8 @@ def truncate_metrics(metrics_csv: Path, from_step: int) -> None:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < from_step]
-    tmp = metrics_csv.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".csv", dir=metrics_csv.parent)
+    with os.fdopen(fd, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

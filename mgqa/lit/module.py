@@ -90,8 +90,9 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=50.0)))
+        # MeanMetric already reduced over ranks: every rank holds the same value.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=50.0)), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         optim_cfg = self.hparams.optim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -118,6 +119,14 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig) -> tu
     return path, step
 
 
+def _launching_rank_zero() -> bool:
+    """Global rank 0, read from the launcher's environment (the trainer does not exist yet)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return node_rank == 0 and rank_zero_only.rank == 0
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Fit, validate once more, print the final validation loss and a sample. Returns the final val loss.
 
@@ -127,7 +136,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     model_cfg = resolve_model_config(cfg)
     ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:
+    if _launching_rank_zero():
         # Rows after the resumed step are logged again; a fresh start begins an empty file.
         truncate_metrics(run_dir / "metrics.csv", start_step)
     if torch.cuda.is_available():
@@ -151,19 +160,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     if stopper is not None and stopper.saved_at_step is not None:
         rank_zero_info(f"stopped at step {stopper.saved_at_step}; continue with: python train.py run_name=... ckpt_path=last")
         return None
-    save_final_checkpoint(trainer)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     val_loss = float(results[0]["val/loss"]) if results else None
     if trainer.is_global_zero:
         final_report(module, datamodule.tokenizer, run_dir, val_loss, cfg.get("sample"))
     return val_loss
-
-
-def save_final_checkpoint(trainer: L.Trainer) -> None:
-    """Write ``last.ckpt`` at the end of training unless a checkpoint callback already did at this step."""
-    for callback in trainer.checkpoint_callbacks:
-        if callback.save_last and callback.dirpath:
-            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            if callback._last_global_step_saved != trainer.global_step or not path.is_file():
-                trainer.save_checkpoint(path)
-            return

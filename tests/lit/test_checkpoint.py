@@ -61,6 +61,16 @@ def test_ckpt_path_last_starts_fresh_then_resumes_and_skips_a_corrupt_file(tmp_p
     assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 9
 
 
+def test_a_finished_run_continues_with_more_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    trained_run(run_dir)  # 6 steps, then finished
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+    train(compose(*SHORT, f"run_dir={run_dir}", "ckpt_path=last", "trainer.max_steps=9"))
+    assert train_steps(run_dir) == list(range(9))
+    val_steps = [int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r["val/loss"]]
+    assert val_steps == sorted(val_steps) and max(val_steps) <= 9
+
+
 def test_fresh_start_never_overwrites_a_runs_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     trained_run(run_dir)
