@@ -87,7 +87,12 @@ def mgqa_no_tma(q, k, v, causal):
     return mgqa_kernels.triton_attention(q, k, v, causal=causal)
 
 
-IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+def mgqa_atomic_dq(q, k, v, causal):
+    """mgqa with dQ accumulated by fp32 atomics inside the dK/dV kernel (the bench loop sets the flag)."""
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
+IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
          "flex": flex}
 
 
@@ -127,9 +132,11 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
     row["err_vs_flash"] = max(rel_err(a, b) for a, b in zip((out, *grads), (ref, *ref_grads)))
     del ref, ref_grads, out, grads
 
+    deterministic = mgqa_kernels.DETERMINISTIC
     for name in impls:
         fn = IMPLS[name]
         mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
+        mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
         try:
             fwd = time_ms(lambda: fn(q, k, v, causal))
             fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
@@ -139,6 +146,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
             row[f"{name}_fwd"] = row[f"{name}_fwdbwd"] = None
             row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     mgqa_kernels.USE_TMA = True
+    mgqa_kernels.DETERMINISTIC = deterministic
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
         peers = [x for x in peers if x]

@@ -199,8 +199,8 @@ def run_shape(head_dim, kv_heads, n, causal, dtype, device, tokens, heads, timin
             set_variant(sm, bwd)
             if f"mgqa_sm{sm}_fwd" not in row:
                 row[f"mgqa_sm{sm}_fwd"] = tfwd(mgqa)
+                row[f"cfg_fwd_sm{sm}"] = str(attention_fwd._attn_fwd.best_config)
             row[f"mgqa_sm{sm}_{bwd}_fwdbwd"] = tfb(mgqa)
-    row["cfg_fwd_sm0"] = str(attention_fwd._attn_fwd.best_config)
     row["cfg_dkdv"] = str(attention_bwd._attn_bwd_dkdv.best_config)
     row["cfg_dkdv_dq"] = str(attention_bwd._attn_bwd_dkdv_dq.best_config)
     for bwd in BWD_VARIANTS:
