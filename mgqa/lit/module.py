@@ -94,6 +94,22 @@ class LanguageModel(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss.clamp(max=50.0)), sync_dist=True)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
+        """Without a loss scaler (fp32, bf16) gradients are true gradients: clip them directly, which
+        also works for fused optimizers (Lightning's precision plugin refuses those)."""
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> Any:
         optim_cfg = self.hparams.optim
         decay, no_decay = [], []
@@ -104,8 +120,9 @@ class LanguageModel(L.LightningModule):
             (decay if param.dim() >= 2 and "emb" not in name else no_decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         extra = {}
-        if self.device.type == "cuda" and optim_cfg["optimizer"].get("fused") is None:
-            extra["fused"] = True
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self.device.type == "cuda" and optim_cfg["optimizer"].get("fused") is None and scaler is None:
+            extra["fused"] = True  # with fp16 loss scaling, gradient clipping needs the unfused step
         optimizer = instantiate(optim_cfg["optimizer"])(groups, **extra)
         scheduler_cfg = optim_cfg.get("scheduler")
         if not scheduler_cfg:

@@ -84,3 +84,10 @@ def test_cli_bad_config_exits_with_the_message(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_bf16_mixed_with_a_fused_optimizer_and_gradient_clipping(tmp_path):
+    """The GPU default (bf16-mixed, fused AdamW, clipping) on CPU: clipping must not be refused."""
+    cfg = compose(*TINY, f"run_dir={tmp_path}", "trainer.precision=bf16-mixed", "optim.optimizer.fused=true", "trainer.gradient_clip_val=0.5")
+    val_loss = train(cfg)
+    assert val_loss is not None and val_loss < 5.5
