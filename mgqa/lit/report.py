@@ -55,6 +55,8 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Optional[Path]:
 
 def generate_sample(module: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> str:
     model = module.model
+    if torch.cuda.is_available():
+        model.cuda()  # Lightning moves the model back to the CPU after fitting
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
