@@ -96,10 +96,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """Checkpoint files of a run, newest first (by modification time)."""
+    """Checkpoint files of a run in the order ``ckpt_path=last`` tries them: newest first (by
+    modification time), the ``best-*`` files last. Those are written at the end of validation, a
+    state Lightning resumes less exactly than the end of a training batch, where the others are."""
     found = [p for p in run_dir.glob(f"checkpoints/*{CHECKPOINT_SUFFIX}") if p.is_file()]
     found += [p for p in run_dir.glob(f"hpc_ckpt_*{CHECKPOINT_SUFFIX}") if p.is_file()]  # SLURM requeue saves
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return sorted(found, key=lambda p: (p.name.startswith("best"), -p.stat().st_mtime_ns))
 
 
 def find_resume_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict[str, Any]]]:

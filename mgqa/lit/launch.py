@@ -188,9 +188,10 @@ def job_scope(child_timeout_s: float = 120.0) -> Iterator[None]:
     try:
         yield
     finally:
-        _reap_children(child_timeout_s)
+        # Destroy before waiting: with NCCL, a child rank's destroy can wait for this rank's.
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        _reap_children(child_timeout_s)
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish()
