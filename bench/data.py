@@ -83,7 +83,7 @@ def main() -> None:
     seq_len, batch = cfg.data.seq_len, cfg.data.batch_size
     measured = None
     if args.h100_json:
-        rows = json.loads(Path(args.h100_json).read_text())["rows"]
+        rows = json.loads(Path(args.h100_json).read_text())["results"]
         match = [r for r in rows if r.get("gpus") == 1 and r.get("model") == args.h100_model]
         if not match:
             raise SystemExit(f"{args.h100_json} has no 1-GPU row for model {args.h100_model!r}")
