@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mgqa.kernels.attention_common import _key_range, _kv_tiles, _query_block_program
 from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
 
 
@@ -270,20 +271,10 @@ def _attn_bwd_dq(
     USE_TMA: tl.constexpr,
 ):
     # Same 1-D order as the forward: (batch, kv_head, query block, group member).
-    num_m = tl.cdiv(n_q, BLOCK_M)
-    pid = tl.program_id(0)
-    per_kv = GROUP * num_m
-    pid_bkv = pid // per_kv
-    rest = pid % per_kv
-    pid_m = rest // GROUP
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    kv_heads = heads // GROUP
-    batch = (pid_bkv // kv_heads).to(tl.int64)
-    kv_head = (pid_bkv % kv_heads).to(tl.int64)
-    head = kv_head * GROUP + rest % GROUP
+    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
+    batch, kv_head = batch.to(tl.int64), kv_head.to(tl.int64)
+    head = kv_head * GROUP + member
     pid_bh = batch * heads + head
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -298,23 +289,10 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_desc = k_base
-        v_desc = v_base
+    k_desc, v_desc = _kv_tiles(k_base, v_base, n_k, stride_kn, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
-    offset = n_k - n_q
-    q_pos = offs_m + offset
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), n_k)
-        hi_full = tl.minimum(tl.maximum(start_m + offset + 1, 0), n_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_k
-        hi_full = n_k // BLOCK_N * BLOCK_N
+    q_pos = offs_m + (n_k - n_q)
+    hi_full, hi = _key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi_full, BLOCK_N):

@@ -12,6 +12,8 @@ import os
 import triton
 import triton.language as tl
 
+from mgqa.kernels.attention_common import _key_range, _kv_tiles, _query_block_program
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # MGQA_TRITON_AUTOTUNE=0 takes the first config that fits instead of timing them all (quick test runs).
 AUTOTUNE = os.environ.get("MGQA_TRITON_AUTOTUNE", "1") != "0"
@@ -142,23 +144,9 @@ def _attn_fwd(
     USE_TMA: tl.constexpr,
     SOFTMAX: tl.constexpr,  # 0: scale then max; 1: scale folded into exp2's FMA; 2: 1 + lazy rescaling
 ):
-    # 1-D grid ordered (batch, kv_head, query block, group member), the member fastest: the
-    # programs running at once share one KV head's K/V tiles, which then come from L2.
-    num_m = tl.cdiv(n_q, BLOCK_M)
-    pid = tl.program_id(0)
-    per_kv = GROUP * num_m
-    pid_bkv = pid // per_kv
-    rest = pid % per_kv
-    pid_m = rest // GROUP
-    if CAUSAL:
-        # The last query blocks see the most keys: start them first for a shorter tail.
-        pid_m = num_m - 1 - pid_m
-    kv_heads = heads // GROUP
-    batch = pid_bkv // kv_heads
-    kv_head = pid_bkv % kv_heads
-    head = kv_head * GROUP + rest % GROUP
+    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
+    head = kv_head * GROUP + member
     pid_bh = batch * heads + head
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -168,24 +156,11 @@ def _attn_fwd(
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_desc = k_base
-        v_desc = v_base
+    k_desc, v_desc = _kv_tiles(k_base, v_base, n_k, stride_kn, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     # Bottom-right causal alignment: query i sits at absolute position i + (n_k - n_q).
-    offset = n_k - n_q
-    q_pos = offs_m + offset
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), n_k)
-        hi_full = tl.minimum(tl.maximum(start_m + offset + 1, 0), n_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_k
-        hi_full = n_k // BLOCK_N * BLOCK_N
+    q_pos = offs_m + (n_k - n_q)
+    hi_full, hi = _key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

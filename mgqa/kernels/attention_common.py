@@ -1,0 +1,66 @@
+"""Triton helpers shared by the forward and backward attention kernels: which query block and
+heads a program owns, how it reads K/V tiles, and which key blocks need masks.
+
+All are ``@triton.jit`` functions, inlined into the kernels that call them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _query_block_program(n_q, heads, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's (batch, kv_head, member, start_m) on a 1-D grid of query blocks; its query
+    head is ``kv_head * GROUP + member`` (so it reads KV head ``head // GROUP``).
+
+    The grid is ordered (batch, kv_head, query block, group member), the member fastest: programs
+    running at once share one KV head's K/V tiles, which then come from L2.
+    """
+    num_m = tl.cdiv(n_q, BLOCK_M)
+    pid = tl.program_id(0)
+    per_kv = GROUP * num_m
+    pid_bkv = pid // per_kv
+    rest = pid % per_kv
+    pid_m = rest // GROUP
+    if CAUSAL:
+        # The last query blocks see the most keys: start them first for a shorter tail.
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    return batch, kv_head, rest % GROUP, pid_m * BLOCK_M
+
+
+@triton.jit
+def _kv_tiles(
+    k_base, v_base, n_k, stride_kn, stride_vn,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """What the key loop reads K and V (n_k, HEAD_DIM) tiles through: tensor descriptors (TMA) when
+    USE_TMA, else the base pointers themselves."""
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_k, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+    return k_desc, v_desc
+
+
+@triton.jit
+def _key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(hi_full, hi): keys [0, hi_full) are visible to every row of the query block, so need no
+    mask; keys [hi_full, hi) (the diagonal and the ragged end) are masked; keys past hi are never
+    visible. Causal is aligned bottom-right: query i sits at position i + (n_k - n_q)."""
+    offset = n_k - n_q
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), n_k)
+        hi_full = tl.minimum(tl.maximum(start_m + offset + 1, 0), n_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_k
+        hi_full = n_k // BLOCK_N * BLOCK_N
+    return hi_full, hi
