@@ -141,23 +141,18 @@ class TextDataModule(L.LightningDataModule):
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             return self._train_loader()
 
-    def _train_loader(self) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            drop_last=True,
-            num_workers=self.num_workers,
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "drop_last": True,
+            "num_workers": self.num_workers,
             # Persistent workers keep their dataset copy, which counts epochs for the shuffle order.
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+
+    def _train_loader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(self.train_set, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return DataLoader(self.val_set, **self._loader_options())
