@@ -53,6 +53,20 @@ def resolve_precision(trainer_cfg: DictConfig) -> Any:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+def _check_fsdp_device(trainer_cfg: DictConfig) -> None:
+    """PyTorch's FSDP runs on GPUs only; say so before any process starts."""
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" not in target.lower():
+        return
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise ConfigError(
+            f"trainer=fsdp needs CUDA GPUs (trainer.accelerator={accelerator}, "
+            f"CUDA available: {torch.cuda.is_available()}); on CPU use trainer=ddp trainer.accelerator=cpu"
+        )
+
+
 def _instantiate_group(group: Optional[DictConfig]) -> list[Any]:
     """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping null entries."""
     if not group:
@@ -73,6 +87,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     trainer_cfg.pop("_target_", None)
+    _check_fsdp_device(cfg.trainer)
     if isinstance(trainer_cfg.get("strategy"), dict):  # a strategy object, e.g. conf/trainer/ddp.yaml
         trainer_cfg["strategy"] = instantiate(cfg.trainer.strategy)
     callbacks = _instantiate_group(cfg.get("callbacks"))

@@ -30,6 +30,7 @@ def test_user_overrides_reach_the_model_and_trainer():
         (["model.num_tokens=100"], "model.num_tokens (100) is smaller than the 'byte' tokenizer's vocabulary (257)"),
         (["data.seq_len=512"], "data.seq_len (512) exceeds model.max_seq_len (256)"),
         (["model.pos_emb=alibi"], "model.pos_emb='alibi' is unknown"),
+        (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer=fsdp needs CUDA GPUs (trainer.accelerator=cpu"),
     ],
 )
 def test_invalid_configs_fail_before_any_data_is_read(overrides, message, tmp_path):
