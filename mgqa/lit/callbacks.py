@@ -108,6 +108,31 @@ class SignalCheckpoint(L.Callback):
         self._restore()
 
 
+class FinalValidation(L.Callback):
+    """Validate once after the final optimizer step, inside ``Trainer.fit``.
+
+    ``Trainer.validate`` after ``fit`` cannot run an FSDP-wrapped model (Lightning re-wraps only the
+    blocks and leaves the root's parameters sharded), so the final validation is part of the fit:
+    stopping at the final step makes Lightning validate there, once, also when the step is a regular
+    validation step. ``validated_at_step`` tells whether that happened.
+    """
+
+    def __init__(self) -> None:
+        self.validated_at_step: Optional[int] = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_at_step = trainer.global_step
+
+
 class RNGState(L.Callback):
     """Saves and restores the Python, NumPy and torch (CPU and CUDA) random states with each
     checkpoint, so dropout and sampling continue as in an uninterrupted run."""

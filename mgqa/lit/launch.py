@@ -26,6 +26,7 @@ from lightning.fabric.strategies.launchers.subprocess_script import _basic_subpr
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from omegaconf import ListConfig
 
 log = logging.getLogger("mgqa")
 
@@ -172,6 +173,8 @@ class JobFSDPStrategy(FSDPStrategy):
 
 def _module_classes(policy: Any) -> Any:
     """A list of class paths -> the set of classes Lightning's FSDP policies take; anything else as is."""
+    if isinstance(policy, ListConfig):  # as Hydra's instantiate passes a YAML list
+        policy = list(policy)
     if isinstance(policy, (list, tuple)) and all(isinstance(p, str) for p in policy):
         from hydra.utils import get_class  # noqa: PLC0415
 

@@ -53,8 +53,7 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Optional[Path]:
     return out_png
 
 
-def generate_sample(module: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> str:
-    model = module.model
+def generate_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float, top_k: Optional[int]) -> str:
     if torch.cuda.is_available():
         model.cuda()  # Lightning moves the model back to the CPU after fitting
     device = next(model.parameters()).device
@@ -64,12 +63,13 @@ def generate_sample(module: Any, tokenizer: Any, prompt: str, max_new_tokens: in
     return prompt + tokenizer.decode(tokens[0].tolist())
 
 
-def final_report(module: Any, tokenizer: Any, run_dir: Path, val_loss: Optional[float], sample_cfg: Any) -> None:
+def final_report(model: Any, tokenizer: Any, run_dir: Path, val_loss: Optional[float], sample_cfg: Any) -> None:
+    """Print the final validation loss, write a sample from ``model`` (an ``MGQATransformer``) and the loss curve."""
     if val_loss is not None:
         print(f"final val/loss {val_loss:.4f} nats/token (perplexity {math.exp(min(val_loss, 50)):.2f})")
-    if sample_cfg and sample_cfg.get("max_new_tokens", 0) > 0:
+    if model is not None and sample_cfg and sample_cfg.get("max_new_tokens", 0) > 0:
         text = generate_sample(
-            module,
+            model,
             tokenizer,
             sample_cfg.get("prompt", "\n"),
             sample_cfg.max_new_tokens,

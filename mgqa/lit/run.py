@@ -11,18 +11,19 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mgqa.data import build_tokenizer
-from mgqa.lit.callbacks import SignalCheckpoint
+from mgqa.lit.callbacks import FinalValidation, SignalCheckpoint
 from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
 from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
-from mgqa.model import ConfigError, ModelConfig
+from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
 
@@ -93,6 +94,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.append(FinalValidation())
     loggers = _instantiate_group(cfg.get("logger")) or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
@@ -175,8 +177,30 @@ def train(cfg: DictConfig) -> Optional[float]:
     if stopper is not None and stopper.saved_at_step is not None:
         rank_zero_info(f"stopped at step {stopper.saved_at_step}; continue with: python train.py run_name=... ckpt_path=last")
         return None
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    val_loss = float(results[0]["val/loss"]) if results else None
+    fsdp = isinstance(trainer.strategy, FSDPStrategy)
+    final = next(c for c in trainer.callbacks if isinstance(c, FinalValidation))
+    logged = trainer.callback_metrics.get("val/loss")
+    if final.validated_at_step == trainer.global_step and logged is not None:
+        val_loss: Optional[float] = float(logged)
+    elif fsdp:
+        # Trainer.validate cannot run the FSDP-wrapped model after fit (see FinalValidation).
+        log.warning("no validation ran after the final step (%d); no final val/loss", trainer.global_step)
+        val_loss = None
+    else:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        val_loss = float(results[0]["val/loss"]) if results else None
     if trainer.is_global_zero:
-        final_report(module, datamodule.tokenizer, run_dir, val_loss, cfg.get("sample"))
+        model = _full_model(module, stopper) if fsdp else module.model
+        final_report(model, datamodule.tokenizer, run_dir, val_loss, cfg.get("sample"))
     return val_loss
+
+
+def _full_model(module: LanguageModel, stopper: Optional[SignalCheckpoint]) -> Optional[MGQATransformer]:
+    """An unsharded copy of an FSDP-trained model, from the full-state ``last.ckpt`` of the final step."""
+    if stopper is None or not stopper.path.is_file():
+        log.warning("no last.ckpt to rebuild the FSDP-trained model from; no sample")
+        return None
+    state = load_checkpoint(stopper.path)["state_dict"]
+    model = MGQATransformer.from_config(module.model_config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model.eval()

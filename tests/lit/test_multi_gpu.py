@@ -7,6 +7,8 @@ import torch
 
 from tests.lit.test_ddp import TINY_CLI, run_cli, train_rows
 
+SAMPLE_CLI = tuple(a for a in TINY_CLI if not a.startswith("sample.")) + ("sample.max_new_tokens=16",)
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.slow,
@@ -20,11 +22,12 @@ EXIT_TIMEOUT_S = 180
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gpus_train_exit_and_resume(strategy, tmp_path):
-    args = (*TINY_CLI, f"trainer={strategy}", "trainer.devices=2", f"run_name={strategy}", f"output_root={tmp_path}")
+    args = (*SAMPLE_CLI, f"trainer={strategy}", "trainer.devices=2", f"run_name={strategy}", f"output_root={tmp_path}")
     proc, out = run_cli(*args, timeout=EXIT_TIMEOUT_S)
     assert proc.returncode == 0, out[-3000:]
     assert "MEMBER: 2/2" in out and "final val/loss" in out
     run_dir = tmp_path / strategy
+    assert (run_dir / "sample.txt").stat().st_size > 0  # generated from the full (unsharded) weights
     assert sorted(p.name for p in tmp_path.iterdir()) == [strategy]
     rows = train_rows(run_dir / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(6))

@@ -25,6 +25,10 @@ def test_compose_and_train_a_few_steps(tmp_path, capsys):
     assert all(float(r["train/tokens_per_s"]) > 0 for r in train_rows)
     val_rows = [r for r in rows if r["val/loss"]]
     assert len(val_rows) >= 2 and float(val_rows[-1]["val/ppl"]) > 1
+    # The final validation runs once, after the last step, and is the value reported.
+    val_steps = [int(r["step"]) for r in val_rows]
+    assert val_steps.count(val_steps[-1]) == 1
+    assert val_loss == pytest.approx(float(val_rows[-1]["val/loss"]))
     assert float(train_rows[-1]["train/loss"]) < float(train_rows[0]["train/loss"])
     assert val_loss < 5.5  # below ln(257): the model learned something in 6 steps
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
