@@ -189,6 +189,9 @@ def main():
     torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
     impls = [i for i in args.impls.split(",") if i]
     dtype = getattr(torch, args.dtype)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s",
+                flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
     rows = []
     for head_dim, kv_heads, n, causal in shapes(args.quick):
         if args.only and not re.search(args.only, f"{head_dim},{kv_heads},{n},{int(causal)}"):
@@ -198,11 +201,8 @@ def main():
         print(f"D={head_dim} Hkv={kv_heads} N={n} causal={causal}: "
               + " ".join(f"{i}={fmt(r.get(i + '_fwd'), 1)}/{fmt(r.get(i + '_fwdbwd'), 1)}" for i in impls)
               + f" err={r['err_vs_flash']:.1e} cfg={r['cfg_fwd']} | {r['cfg_dkdv']} | {r['cfg_dq']}", flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s",
-                flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
-    with open(args.json, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        with open(args.json, "w") as f:  # after every shape, so a cut-short run keeps what it measured
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, TFLOP/s")
     print_table(rows, impls)
 

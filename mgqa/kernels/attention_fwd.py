@@ -23,15 +23,18 @@ def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = []
-    for block_m, block_n, warps, stages in [
-        (128, 64, 4, 3),
-        (128, 128, 8, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (64, 32, 4, 2),
+    # The fastest per shape in bench/attention_configs.py on an H100 (results/attention_configs_h100.json),
+    # then small tiles for fp32 and head_dim 256. The first that fits is the choice without autotuning.
+    for block_m, block_n, warps, stages, maxnreg in [
+        (128, 64, 8, 3, None),   # non-causal
+        (128, 64, 4, 2, None),   # causal N=4k: one warpgroup per program, two programs per SM
+        (128, 64, 8, 5, None),   # causal N=8k
+        (128, 128, 8, 2, 128),   # head_dim 64: registers capped so two programs share an SM
+        (64, 64, 4, 3, None),
+        (64, 32, 4, 2, None),
     ]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                                     maxnreg=maxnreg))
     return configs
 
 
@@ -51,6 +54,8 @@ def prune_by_tile_bytes(configs, named_args, **kwargs):
             continue  # fp32 operands: keep the register tiles small
         if head_dim >= 256 and bm * bn > 64 * 64:
             continue
+        if cfg.maxnreg is not None and bm * bn * head_dim > 128 * 128 * 64:
+            continue  # a register cap sized for smaller tiles would spill
         if tile_bytes <= 200 * 1024:
             kept.append(cfg)
     if not kept:

@@ -48,9 +48,13 @@ def variants():
         for causal in (0, 1):
             common = {"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": causal, "INPUT_PRECISION": "ieee", "USE_TMA": use_tma}
             tag = f"tma={use_tma} causal={causal}"
-            yield f"fwd  {tag}", attention_fwd._attn_fwd.fn, {**common, "BLOCK_M": 128, "BLOCK_N": 64, "SOFTMAX": 0}, 8, 3
-            yield f"dq   {tag}", attention_bwd._attn_bwd_dq.fn, {**common, "BLOCK_M": 64, "BLOCK_N": 64}, 8, 3
-            yield f"dkdv {tag}", attention_bwd._attn_bwd_dkdv_kernel, {**common, "BLOCK_M": 64, "BLOCK_N": 64, "ATOMIC_DQ": 0}, 8, 3
+            # Each kernel's first (default) launch configuration.
+            for name, fn, extra, cfg in [
+                ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd._attn_fwd.configs[0]),
+                ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd._DQ_CONFIGS[0]),
+                ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd._DKDV_CONFIGS[0]),
+            ]:
+                yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
 
 
 def main(argv: list[str] | None = None) -> int:
