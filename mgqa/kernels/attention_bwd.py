@@ -22,24 +22,31 @@ from mgqa.kernels.attention_common import _key_range, _kv_tiles, _query_block_pr
 from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
 
 
-def _configs(pairs) -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+def _gpu_configs(pairs) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs
     ]
 
 
+def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return list(gpu_configs)
+
+
 # dK/dV: a key tile (BLOCK_N) stays resident; query tiles (BLOCK_M) stream past it. Ordered by the
 # H100 timings of bench/attention_configs.py: 64x64 with 4 warps (several programs per SM) leads.
-_DKDV_CONFIGS = _configs([
+DKDV_GPU_CONFIGS = _gpu_configs([
     (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (32, 64, 4, 2)
 ])
-_DKDV_DQ_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 3)])
+DKDV_DQ_GPU_CONFIGS = _gpu_configs([(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 3)])
 # dQ: a wide query tile stays resident; key tiles stream past it (same ordering as above).
-_DQ_CONFIGS = _configs([
+DQ_GPU_CONFIGS = _gpu_configs([
     (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2)
 ])
+_DKDV_CONFIGS = _configs(DKDV_GPU_CONFIGS)
+_DKDV_DQ_CONFIGS = _configs(DKDV_DQ_GPU_CONFIGS)
+_DQ_CONFIGS = _configs(DQ_GPU_CONFIGS)
 
 
 @triton.jit

@@ -19,23 +19,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("MGQA_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _fwd_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = []
-    # The fastest per shape in bench/attention_configs.py on an H100 (results/attention_configs_h100.json),
-    # then small tiles for fp32 and head_dim 256. The first that fits is the choice without autotuning.
-    for block_m, block_n, warps, stages, maxnreg in [
+# Launch configurations on a GPU: the fastest per shape in bench/attention_configs.py on an H100
+# (results/attention_configs_h100.json), then small tiles for fp32 and head_dim 256. Without
+# autotuning the first that fits is taken. (BLOCK_M, BLOCK_N, warps, stages, register cap)
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+    for bm, bn, w, s, r in [
         (128, 64, 8, 3, None),   # non-causal
         (128, 64, 4, 2, None),   # causal N=4k: one warpgroup per program, two programs per SM
         (128, 64, 8, 5, None),   # causal N=8k
         (128, 128, 8, 2, 128),   # head_dim 64: registers capped so two programs share an SM
         (64, 64, 4, 3, None),
         (64, 32, 4, 2, None),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
-                                     maxnreg=maxnreg))
-    return configs
+    ]
+]
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return list(GPU_CONFIGS)
 
 
 def prune_by_tile_bytes(configs, named_args, **kwargs):

@@ -50,9 +50,9 @@ def variants():
             tag = f"tma={use_tma} causal={causal}"
             # Each kernel's first (default) launch configuration.
             for name, fn, extra, cfg in [
-                ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd._attn_fwd.configs[0]),
-                ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd._DQ_CONFIGS[0]),
-                ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd._DKDV_CONFIGS[0]),
+                ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd.GPU_CONFIGS[0]),
+                ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd.DQ_GPU_CONFIGS[0]),
+                ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd.DKDV_GPU_CONFIGS[0]),
             ]:
                 yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
 

@@ -179,6 +179,41 @@ class _Spy:
         return self.kernel[grid]
 
 
+def _gpu_launch_configs():
+    """(kernel, block shape) of every launch configuration the GPU autotuners may pick. The
+    interpreter ignores warps, stages and register caps, so each block shape is run once."""
+    from mgqa.kernels import attention_bwd, attention_fwd
+
+    seen = []
+    for name, configs in [("fwd", attention_fwd.GPU_CONFIGS), ("dkdv", attention_bwd.DKDV_GPU_CONFIGS),
+                          ("dq", attention_bwd.DQ_GPU_CONFIGS), ("dkdv_dq", attention_bwd.DKDV_DQ_GPU_CONFIGS)]:
+        for cfg in configs:
+            case = (name, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
+            if case not in seen:
+                seen.append(case)
+    return seen
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter test; on a GPU the autotuned configs run in the gpu tests")
+@pytest.mark.parametrize("kernel,block_m,block_n", _gpu_launch_configs(), ids=lambda x: str(x))
+def test_every_gpu_block_shape_matches_reference(monkeypatch, kernel, block_m, block_n):
+    """The block sizes of each GPU launch config on a ragged, bottom-right causal shape (Nq < Nk,
+    neither a multiple of any block), where the interpreter's 16x16 default would hide a mask slip."""
+    from mgqa.kernels import attention_bwd, attention_fwd
+
+    import triton
+
+    tuner = {"fwd": attention_fwd._attn_fwd, "dkdv": attention_bwd._attn_bwd_dkdv,
+             "dq": attention_bwd._attn_bwd_dq, "dkdv_dq": attention_bwd._attn_bwd_dkdv_dq}[kernel]
+    monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4,
+                                                          num_stages=1)])
+    monkeypatch.setattr(tuner, "cache", {})
+    if kernel == "dkdv_dq":
+        monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    q, k, v = make_inputs(1, 4, 2, 139, 203, 64, torch.float32)
+    check_against_reference(q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("softmax", [1, 2])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,head_dim,causal,dtype", VARIANT_CASES)
 def test_forward_softmax_variants(monkeypatch, softmax, batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype):
