@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mgqa.kernels.attention_common import _key_range, _kv_tiles, _query_block_program
+from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _query_block_program
 from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
 
 
@@ -231,21 +231,8 @@ def _dq_step(
     INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n0
-    k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if USE_TMA:
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
-    elif MASKED:
-        kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k, v = _load_kv_tile(k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, cols, offs_d, n_k,
+                         HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(qk * qk_scale - lse[:, None])
     if MASKED:

@@ -52,6 +52,33 @@ def _kv_tiles(
 
 
 @triton.jit
+def _load_kv_tile(
+    k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, cols, offs_d, n_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The K and V tiles (BLOCK_N, BLOCK_D) of keys ``cols`` (= start_n + arange(BLOCK_N)); zeros
+    past n_k and past HEAD_DIM."""
+    if USE_TMA:
+        # The copy engine zero-fills rows past n_k, so no load mask is needed.
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
 def _key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(hi_full, hi): keys [0, hi_full) are visible to every row of the query block, so need no
     mask; keys [hi_full, hi) (the diagonal and the ragged end) are masked; keys past hi are never
