@@ -11,9 +11,6 @@ worker processes (one launch each fills Triton's on-disk cache); the timing phas
 process alone, one kernel at a time.
 
     python bench/attention_configs.py --json bench/results/attention_configs_h100.json
-
-Each shape is timed with and without software pipelining of the kernels' unmasked loops
-(``--pipeline 0,1``, the default; ``mgqa.kernels.attention.PIPELINE``).
 """
 
 from __future__ import annotations
@@ -81,28 +78,23 @@ def _reset(tuner, configs):
 
 
 def compile_worker(tasks):
-    """Phase 1: launch each (shape, kernel, config, pipelining) once, the other two kernels on their
-    first config, so that Triton compiles it into its on-disk cache."""
-    from mgqa.kernels import attention as K
-
+    """Phase 1: launch each (shape, kernel, config) once, the other two kernels on their first
+    config, so that Triton compiles it into its on-disk cache."""
     failures = []
     ks = kernels()
-    for shape, name, index, pipeline in tasks:
-        K.PIPELINE = pipeline
+    for shape, name, index in tasks:
         for other, (tuner, configs) in ks.items():
             _reset(tuner, [configs[index if other == name else 0]])
         try:
             run_once(*shape)
         except Exception as err:  # out of resources etc.: the timing phase reports it as inf
-            failures.append(f"{shape} {name} {describe(ks[name][1][index])} pipeline={pipeline}: "
-                            f"{type(err).__name__}: {str(err)[:100]}")
+            failures.append(f"{shape} {name} {describe(ks[name][1][index])}: {type(err).__name__}: {str(err)[:100]}")
     return failures
 
 
-def precompile(shapes, workers, pipelines):
+def precompile(shapes, workers):
     sizes = {"fwd": len(FWD), "dkdv": len(DKDV), "dq": len(DQ)}
-    tasks = [(shape, name, i, p) for shape in shapes for name, size in sizes.items() for i in range(size)
-             for p in pipelines]
+    tasks = [(shape, name, i) for shape in shapes for name, size in sizes.items() for i in range(size)]
     chunks = [tasks[w::workers] for w in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
         return [f for part in pool.map(compile_worker, chunks) for f in part]
@@ -118,12 +110,11 @@ def describe(cfg):
     return text + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
 
 
-def time_shape(head_dim, kv_heads, n, causal, pipeline):
+def time_shape(head_dim, kv_heads, n, causal):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mgqa.kernels import attention as K
 
-    K.PIPELINE = pipeline
     batch = TOKENS // n
     ks = kernels()
     for _, (tuner, configs) in ks.items():
@@ -132,7 +123,7 @@ def time_shape(head_dim, kv_heads, n, causal, pipeline):
     q, k, v, do = make_inputs(head_dim, kv_heads, n, batch)
     f = fwd_flops(batch, n, head_dim, causal)
     matmul_flops = {"fwd": f, "dkdv": 2 * f, "dq": 1.5 * f}
-    row = {"D": head_dim, "Hkv": kv_heads, "N": n, "B": batch, "causal": causal, "pipeline": pipeline, "kernels": {}}
+    row = {"D": head_dim, "Hkv": kv_heads, "N": n, "B": batch, "causal": causal, "kernels": {}}
     for name, (tuner, _) in ks.items():
         timings = getattr(tuner, "configs_timings", None) or {}
         ranked = sorted(timings.items(), key=lambda kv: kv[1][0])
@@ -172,8 +163,7 @@ def time_shape(head_dim, kv_heads, n, causal, pipeline):
 
 
 def print_row(row, top):
-    print(f"\nD={row['D']} Hkv={row['Hkv']} N={row['N']} B={row['B']} causal={row['causal']} "
-          f"pipeline={row['pipeline']}")
+    print(f"\nD={row['D']} Hkv={row['Hkv']} N={row['N']} B={row['B']} causal={row['causal']}")
     for name, ranked in row["kernels"].items():
         finite = [r for r in ranked if r["tflops"] > 0]
         print(f"  {name:5s} ({len(finite)}/{len(ranked)} configs ran)")
@@ -189,18 +179,15 @@ def main():
     parser.add_argument("--json", default="attention_configs.json")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--top", type=int, default=6, help="configs printed per kernel")
-    parser.add_argument("--pipeline", default="0,1",
-                        help="software pipelining of the kernels' unmasked loops to time: 0, 1 or 0,1 (both)")
     parser.add_argument("--shapes", default=None,
                         help="subset of the shapes, as D:Hkv:N:causal items separated by commas, e.g. 128:8:4096:1")
     args = parser.parse_args()
-    pipelines = [bool(int(p)) for p in args.pipeline.split(",")]
     shapes = SHAPES
     if args.shapes:
         shapes = [(int(d), int(h), int(n), bool(int(c))) for d, h, n, c in
                   (item.split(":") for item in args.shapes.split(","))]
     start = time.time()
-    failures = precompile(shapes, args.workers, pipelines)
+    failures = precompile(shapes, args.workers)
     compiled_s = time.time() - start
     print(f"compiled in {compiled_s:.0f} s with {args.workers} workers; {len(failures)} launches failed")
     for line in failures[:10]:
@@ -209,9 +196,8 @@ def main():
             "python": platform.python_version(), "compile_s": compiled_s, "tokens": TOKENS, "heads": HEADS}
     rows = []
     for shape in shapes:
-        for pipeline in pipelines:
-            rows.append(time_shape(*shape, pipeline))
-            print_row(rows[-1], args.top)
+        rows.append(time_shape(*shape))
+        print_row(rows[-1], args.top)
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     print(f"\nwrote {args.json}; total {time.time() - start:.0f} s")

@@ -121,12 +121,6 @@ DETERMINISTIC = os.environ.get("MGQA_TRITON_DETERMINISTIC", "1") != "0"
 # exp2's FMA, 2 folded + lazy rescaling. Variants 1-2 assume a positive scale.
 FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
 
-# Software pipelining of the unmasked key/query blocks in all three kernels (see the
-# ``*_full_blocks_pipelined`` functions): each step issues the next block's first matmul before the
-# exp2 work of the current one. Off by default: slower on an H100 with Triton 3.6 (bench/NOTES.md, v6).
-# MGQA_TRITON_PIPELINE=1 turns it on.
-PIPELINE = os.environ.get("MGQA_TRITON_PIPELINE", "0") == "1"
-
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
 
@@ -178,8 +172,7 @@ def attention_forward(
     softmax = FWD_SOFTMAX if scale > 0 else 0
     _attn_fwd[grid](
         q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, SOFTMAX=softmax,
-        PIPELINE=PIPELINE, **meta,
+        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, SOFTMAX=softmax, **meta,
     )
     return out, lse
 
@@ -230,8 +223,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk_part, dv_part, dq_acc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), split_stride,
         *(dk_part.stride(i) for i in range(-4, -1)), *_strides3(dq_acc),
-        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq,
-        PIPELINE=PIPELINE, **meta,
+        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq, **meta,
     )
     if splits > 1:
         dk.copy_(dk_part.sum(0))
@@ -246,7 +238,7 @@ def attention_backward(
     _attn_bwd_dq[grid_q](
         q, k, v, grad_out, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-        n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), PIPELINE=PIPELINE, **meta,
+        n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), **meta,
     )
     return dq, dk, dv
 

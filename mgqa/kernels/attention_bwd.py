@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _load_tile, _query_block_program
+from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _query_block_program
 from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
 
 
@@ -69,65 +69,6 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _load_rows(base, desc, head, stride_n, start_m, offs_m0, offs_d, n_q, HEAD_DIM: tl.constexpr,
-               USE_TMA: tl.constexpr):
-    """Rows start_m + offs_m0 of one head of Q or dO (BLOCK_M, BLOCK_D); zeros past n_q and HEAD_DIM."""
-    if USE_TMA:
-        tile = desc.load([head, start_m, 0]).reshape(offs_m0.shape[0], offs_d.shape[0])
-    else:
-        offs_m = start_m + offs_m0
-        mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-        tile = tl.load(base + offs_m[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
-    return tile
-
-
-@triton.jit
-def _dkdv_full_blocks_pipelined(
-    dk, dv, k, v, q_base, do_base, q_desc, do_desc, head, lse_base, delta_base, stride_qn, stride_dn, mid, n_q,
-    offs_m0, offs_d, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    """The query blocks from mid to n_q (mid < n_q), which need no causal mask, software-pipelined by
-    one block: the step for block i issues V dO_{i+1}^T, which only the next step reads, so it runs
-    on the tensor cores while this step computes P^T and dS^T from S_i^T and the dP_i^T issued one
-    step earlier. dO tiles are read twice (once ahead for dP^T, once for dV); the second read comes
-    from L2."""
-    count = tl.cdiv(n_q - mid, BLOCK_M)
-    do = _load_rows(do_base, do_desc, head, stride_dn, mid, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-    for i in range(0, count - 1):
-        start_m = mid + i * BLOCK_M
-        q = _load_rows(q_base, q_desc, head, stride_qn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-        do = _load_rows(do_base, do_desc, head, stride_dn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-        do_next = _load_rows(do_base, do_desc, head, stride_dn, start_m + BLOCK_M, offs_m0, offs_d, n_q, HEAD_DIM,
-                             USE_TMA)
-        offs_m = start_m + offs_m0
-        lse = tl.load(lse_base + offs_m)  # full blocks: every row is below n_q
-        delta = tl.load(delta_base + offs_m)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        # Read dP_i^T before issuing dP_{i+1}^T (see _dq_full_blocks_pipelined).
-        dp_minus_delta = dp_t - delta[None, :]
-        dp_t = tl.dot(v, tl.trans(do_next), input_precision=INPUT_PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        ds_t = (p_t * dp_minus_delta).to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
-    start_m = mid + (count - 1) * BLOCK_M
-    offs_m = start_m + offs_m0
-    row_ok = offs_m < n_q
-    q = _load_rows(q_base, q_desc, head, stride_qn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-    do = _load_rows(do_base, do_desc, head, stride_dn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk += tl.dot(ds_t, q, input_precision=INPUT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
 def _dkdv_step(
     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head, lse_base, delta_base, stride_qn, stride_dn, start_m,
     offs_m0, offs_d, key_pos, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
@@ -136,8 +77,13 @@ def _dkdv_step(
 ):
     offs_m = start_m + offs_m0
     row_ok = offs_m < n_q
-    q = _load_rows(q_base, q_desc, head, stride_qn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
-    do = _load_rows(do_base, do_desc, head, stride_dn, start_m, offs_m0, offs_d, n_q, HEAD_DIM, USE_TMA)
+    if USE_TMA:
+        q = q_desc.load([head, start_m, 0]).reshape(offs_m0.shape[0], offs_d.shape[0])
+        do = do_desc.load([head, start_m, 0]).reshape(offs_m0.shape[0], offs_d.shape[0])
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], mask=mask, other=0.0)
     # Rows past n_q get lse = +inf, hence p = 0: no explicit row mask needed below.
     lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -177,7 +123,6 @@ def _attn_bwd_dkdv_kernel(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PIPELINE: tl.constexpr,  # software-pipeline the unmasked query blocks (without ATOMIC_DQ)
 ):
     # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
     num_n = tl.cdiv(n_k, BLOCK_N)
@@ -253,12 +198,6 @@ def _attn_bwd_dkdv_kernel(
                     stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
                     HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
                 )
-        elif PIPELINE:
-            if mid < n_q:
-                dk, dv = _dkdv_full_blocks_pipelined(
-                    dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
-                    stride_dn, mid, n_q, offs_m0, offs_d, qk_scale, HEAD_DIM, BLOCK_M, INPUT_PRECISION, USE_TMA,
-                )
         else:
             for start_m in range(mid, n_q, BLOCK_M):
                 dk, dv = _dkdv_step(
@@ -273,7 +212,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_DKDV_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA", "ATOMIC_DQ", "PIPELINE"]
+_DKDV_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA", "ATOMIC_DQ"]
 _attn_bwd_dkdv = triton.autotune(
     configs=_DKDV_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )(_attn_bwd_dkdv_kernel)
@@ -307,42 +246,9 @@ def _dq_step(
     return dq
 
 
-@triton.jit
-def _dq_full_blocks_pipelined(
-    dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, hi_full, offs_n0, offs_d, n_k,
-    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    """The unmasked key blocks [0, hi_full) (hi_full > 0), software-pipelined by one block: the step
-    for block j issues dO V_{j+1}^T, which only the next step reads, so it runs on the tensor cores
-    while this step computes P and dS from S_j and the dP_j issued one step earlier."""
-    v = _load_tile(v_base, v_desc, stride_vn, 0, offs_n0, offs_d, n_k, HEAD_DIM, BLOCK_D, False, USE_TMA)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    for start_n in range(0, hi_full - BLOCK_N, BLOCK_N):
-        k = _load_tile(k_base, k_desc, stride_kn, start_n, start_n + offs_n0, offs_d, n_k, HEAD_DIM, BLOCK_D, False,
-                       USE_TMA)
-        v = _load_tile(v_base, v_desc, stride_vn, start_n + BLOCK_N, start_n + BLOCK_N + offs_n0, offs_d, n_k,
-                       HEAD_DIM, BLOCK_D, False, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        # Read dP_j before issuing dP_{j+1}: the two never live at once, so dP_{j+1} can take
-        # dP_j's registers and no copy of an in-flight result is needed at the loop's back edge.
-        dp_minus_delta = dp - delta[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        ds = p * dp_minus_delta
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    last = hi_full - BLOCK_N
-    k = _load_tile(k_base, k_desc, stride_kn, last, last + offs_n0, offs_d, n_k, HEAD_DIM, BLOCK_D, False, USE_TMA)
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-    p = tl.math.exp2(qk * qk_scale - lse[:, None])
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    return dq
-
-
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA", "PIPELINE"],
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -357,7 +263,7 @@ def _attn_bwd_dq(
     N_BUCKET,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, PIPELINE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # Same 1-D order as the forward: (batch, kv_head, query block, group member).
     batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
@@ -384,16 +290,9 @@ def _attn_bwd_dq(
     hi_full, hi = _key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if PIPELINE:
-        if hi_full > 0:
-            dq = _dq_full_blocks_pipelined(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn,
-                                           stride_vn, hi_full, offs_n0, offs_d, n_k, qk_scale, HEAD_DIM, BLOCK_D,
-                                           BLOCK_N, INPUT_PRECISION, USE_TMA)
-    else:
-        for start_n in range(0, hi_full, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n,
-                          offs_n0, offs_d, q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION,
-                          USE_TMA)
+    for start_n in range(0, hi_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n0,
+                      offs_d, q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA)
     for start_n in range(hi_full, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n0,
                       offs_d, q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, True, CAUSAL, INPUT_PRECISION, USE_TMA)

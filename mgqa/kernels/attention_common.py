@@ -52,34 +52,29 @@ def _kv_tiles(
 
 
 @triton.jit
-def _load_tile(
-    base, desc, stride_n, start_n, cols, offs_d, n_k,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """One (BLOCK_N, BLOCK_D) tile of K or V, rows ``cols`` (= start_n + arange(BLOCK_N)); zeros
-    past n_k and past HEAD_DIM."""
-    if USE_TMA:
-        # The copy engine zero-fills rows past n_k, so no load mask is needed.
-        tile = desc.load([start_n, 0])
-    else:
-        ptrs = base + cols[:, None] * stride_n + offs_d[None, :]
-        if MASKED:
-            tile = tl.load(ptrs, mask=(cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            tile = tl.load(ptrs)
-    return tile
-
-
-@triton.jit
 def _load_kv_tile(
     k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, cols, offs_d, n_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """The K and V tiles of keys ``cols`` (see ``_load_tile``)."""
-    k = _load_tile(k_base, k_desc, stride_kn, start_n, cols, offs_d, n_k, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
-    v = _load_tile(v_base, v_desc, stride_vn, start_n, cols, offs_d, n_k, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
+    """The K and V tiles (BLOCK_N, BLOCK_D) of keys ``cols`` (= start_n + arange(BLOCK_N)); zeros
+    past n_k and past HEAD_DIM."""
+    if USE_TMA:
+        # The copy engine zero-fills rows past n_k, so no load mask is needed.
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     return k, v
 
 

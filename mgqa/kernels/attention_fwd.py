@@ -12,7 +12,7 @@ import os
 import triton
 import triton.language as tl
 
-from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _load_tile, _query_block_program
+from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _query_block_program
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # MGQA_TRITON_AUTOTUNE=0 takes the first config that fits instead of timing them all (quick test runs).
@@ -119,50 +119,9 @@ def _fwd_step(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _fwd_full_blocks_pipelined(
-    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, hi_full, offs_n, offs_d, n_k, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    """The unmasked key blocks [0, hi_full) (hi_full > 0), software-pipelined by one block: each
-    step issues S = Q K_j^T, then P_{j-1} V_{j-1}, and computes the softmax of S while the tensor
-    cores run P V. The compiler waits for every matmul whose result the same step reads; here the
-    P V product is only read (rescaled) in the next step, after S's wait, so it stays in flight
-    across the exp2 work. P crosses the step boundary in float32: cast inside the step that uses it,
-    it stays in registers as the matmul's A operand (carried as bf16/fp16 it would go through
-    shared memory, and the matmul could not stay in flight). The last block's P V is added on exit.
-    """
-    k = _load_tile(k_base, k_desc, stride_kn, 0, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D, False, USE_TMA)
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    m_i = m_new
-    for start_n in range(BLOCK_N, hi_full, BLOCK_N):
-        k = _load_tile(k_base, k_desc, stride_kn, start_n, start_n + offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D, False,
-                       USE_TMA)
-        v = _load_tile(v_base, v_desc, stride_vn, start_n - BLOCK_N, start_n - BLOCK_N + offs_n, offs_d, n_k,
-                       HEAD_DIM, BLOCK_D, False, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    last = hi_full - BLOCK_N
-    v = _load_tile(v_base, v_desc, stride_vn, last, last + offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D, False, USE_TMA)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_i
-
-
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA", "SOFTMAX", "PIPELINE"],
+    key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "GROUP", "USE_TMA", "SOFTMAX"],
     prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )
 @triton.jit
@@ -178,7 +137,6 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     SOFTMAX: tl.constexpr,  # 0: scale then max; 1: scale folded into exp2's FMA; 2: 1 + lazy rescaling
-    PIPELINE: tl.constexpr,  # software-pipeline the unmasked key blocks (softmax 0 only)
 ):
     batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
     head = kv_head * GROUP + member
@@ -202,18 +160,11 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Key blocks every row of this block may fully see: no masks.
-    if PIPELINE and SOFTMAX == 0:
-        if hi_full > 0:
-            acc, l_i, m_i = _fwd_full_blocks_pipelined(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, hi_full, offs_n, offs_d,
-                n_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, USE_TMA,
-            )
-    else:
-        for start_n in range(0, hi_full, BLOCK_N):
-            acc, l_i, m_i = _fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d,
-                q_pos, n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA, SOFTMAX,
-            )
+    for start_n in range(0, hi_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, start_n, offs_n, offs_d, q_pos,
+            n_k, qk_scale, HEAD_DIM, BLOCK_D, False, CAUSAL, INPUT_PRECISION, USE_TMA, SOFTMAX,
+        )
     # The diagonal and the ragged end of the keys: masked.
     for start_n in range(hi_full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_step(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -45,17 +44,17 @@ def _signature(jit_fn, constexprs: dict) -> dict[str, str]:
 
 def variants():
     """(name, jit function, constexprs, num_warps, num_stages) of every variant compiled."""
-    for use_tma, causal, pipeline in itertools.product((0, 1), (0, 1), (0, 1)):
-        common = {"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": causal, "INPUT_PRECISION": "ieee", "USE_TMA": use_tma,
-                  "PIPELINE": pipeline}
-        tag = f"tma={use_tma} causal={causal} pipe={pipeline}"
-        # Each kernel's first (default) launch configuration.
-        for name, fn, extra, cfg in [
-            ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd.GPU_CONFIGS[0]),
-            ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd.DQ_GPU_CONFIGS[0]),
-            ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd.DKDV_GPU_CONFIGS[0]),
-        ]:
-            yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
+    for use_tma in (0, 1):
+        for causal in (0, 1):
+            common = {"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": causal, "INPUT_PRECISION": "ieee", "USE_TMA": use_tma}
+            tag = f"tma={use_tma} causal={causal}"
+            # Each kernel's first (default) launch configuration.
+            for name, fn, extra, cfg in [
+                ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd.GPU_CONFIGS[0]),
+                ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd.DQ_GPU_CONFIGS[0]),
+                ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd.DKDV_GPU_CONFIGS[0]),
+            ]:
+                yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'variant':32s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s}")
+    print(f"{'variant':24s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s}")
     for name, fn, constexprs, warps, stages in variants():
         try:
             kernel = triton.compile(
@@ -78,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         except Exception as err:  # report every variant, then fail
             failed += 1
-            print(f"{name:32s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            print(f"{name:24s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
         ptx = kernel.asm["ptx"]
         wgmma, tma = ptx.count("wgmma.mma_async"), ptx.count("cp.async.bulk.tensor")
         if args.arch >= 90 and wgmma == 0:
             failed += 1
             name += " (no wgmma)"
-        print(f"{name:32s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d}")
+        print(f"{name:24s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d}")
         if args.ptx_dir is not None:
             args.ptx_dir.mkdir(parents=True, exist_ok=True)
             (args.ptx_dir / ("_".join(name.split(" (")[0].split()).replace("=", "") + ".ptx")).write_text(ptx)
