@@ -8,6 +8,10 @@ forward+backward against repeat-K/V + SDPA flash. Prints a table and writes JSON
 FLOPs: forward = 4*B*H*N^2*D (halved when causal); forward+backward = 3.5 x forward.
 
     python bench/attention.py --quick --json bench/results/attention.json
+
+Before timing, worker processes run every shape once (``--warm-workers``), so that Triton's and
+Inductor's on-disk caches hold every kernel mgqa's autotuner and FlexAttention will need; the timing
+process then loads them instead of compiling one after another.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
+import os
 import platform
 import re
+import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +122,53 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
+def make_inputs(head_dim, kv_heads, n, dtype):
     batch = TOKENS // n
     gen = dict(device="cuda", dtype=dtype)
     q = torch.randn(batch, HEADS, n, head_dim, **gen).requires_grad_()
     k = torch.randn(batch, kv_heads, n, head_dim, **gen).requires_grad_()
     v = torch.randn(batch, kv_heads, n, head_dim, **gen).requires_grad_()
     do = torch.randn(batch, HEADS, n, head_dim, **gen)
+    return q, k, v, do
+
+
+def set_mgqa_flags(name, deterministic):
+    """The module flags the mgqa variants differ by (TMA loads, atomic dQ)."""
+    mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
+    mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
+
+
+def warm_worker(task):
+    """Run forward+backward once per shape for every compiled implementation (fills the caches)."""
+    shape_list, impls, dtype_name = task
+    torch._dynamo.config.cache_size_limit = 256
+    deterministic = mgqa_kernels.DETERMINISTIC
+    for head_dim, kv_heads, n, causal in shape_list:
+        q, k, v, do = make_inputs(head_dim, kv_heads, n, getattr(torch, dtype_name))
+        for name in impls:
+            if name.startswith("sdpa"):
+                continue
+            set_mgqa_flags(name, deterministic)
+            try:
+                IMPLS[name](q, k, v, causal).backward(do)
+            except Exception:  # the timing process reports it
+                pass
+    torch.cuda.synchronize()
+
+
+def warm_up(shape_list, impls, dtype_name, workers):
+    """Shapes that differ only in N share kernel binaries: one worker per (D, Hkv, causal) group."""
+    groups = defaultdict(list)
+    for shape in shape_list:
+        groups[(shape[0], shape[1], shape[3])].append(shape)
+    tasks = [(group, impls, dtype_name) for group in groups.values()]
+    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        pool.map(warm_worker, tasks, chunksize=1)
+
+
+def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
+    batch = TOKENS // n
+    q, k, v, do = make_inputs(head_dim, kv_heads, n, dtype)
     flops = 4 * batch * HEADS * n * n * head_dim * (0.5 if causal else 1.0)
     row = dict(B=batch, H=HEADS, Hkv=kv_heads, N=n, D=head_dim, causal=causal, dtype=str(dtype))
 
@@ -135,8 +183,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
     deterministic = mgqa_kernels.DETERMINISTIC
     for name in impls:
         fn = IMPLS[name]
-        mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
-        mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
+        set_mgqa_flags(name, deterministic)
         try:
             fwd = time_ms(lambda: fn(q, k, v, causal))
             fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
@@ -185,6 +232,8 @@ def main():
     parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
+                        help="processes that compile every shape's kernels before timing (0: compile while timing)")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
     impls = [i for i in args.impls.split(",") if i]
@@ -192,10 +241,15 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s",
                 flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
+    selected = [s for s in shapes(args.quick)
+                if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
+    if args.warm_workers > 0:
+        start = time.time()
+        warm_up(selected, impls, args.dtype, args.warm_workers)
+        meta["warm_up_s"] = time.time() - start
+        print(f"compiled the kernels of {len(selected)} shapes in {meta['warm_up_s']:.0f} s", flush=True)
     rows = []
-    for head_dim, kv_heads, n, causal in shapes(args.quick):
-        if args.only and not re.search(args.only, f"{head_dim},{kv_heads},{n},{int(causal)}"):
-            continue
+    for head_dim, kv_heads, n, causal in selected:
         rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype))
         r = rows[-1]
         print(f"D={head_dim} Hkv={kv_heads} N={n} causal={causal}: "
