@@ -183,8 +183,8 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: returns dq (B, H, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous,
     each in its input's dtype. dK/dV are summed over each KV head's query group inside the kernel.
-    dQ comes from a separate kernel (deterministic) or, with ``DETERMINISTIC`` off, from fp32
-    atomics in the dK/dV kernel."""
+    dQ comes from a separate kernel, run first, which also computes each row's delta (deterministic),
+    or, with ``DETERMINISTIC`` off, from fp32 atomics in the dK/dV kernel after a delta kernel."""
     _check(q, k, v)
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     batch, heads, n_q, head_dim = q.shape
@@ -198,11 +198,24 @@ def attention_backward(
     qk_scale = scale * math.log2(math.e)
 
     delta = _empty((batch, heads, n_q), torch.float32, q.device)
-    delta_block = 16 if INTERPRET else 64
-    _attn_bwd_delta[(batch * heads, triton.cdiv(n_q, delta_block))](
-        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), n_q, heads,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
-    )
+    atomic_dq = not (DETERMINISTIC or torch.are_deterministic_algorithms_enabled())
+    if atomic_dq:
+        delta_block = 16 if INTERPRET else 64
+        _attn_bwd_delta[(batch * heads, triton.cdiv(n_q, delta_block))](
+            out, grad_out, delta, *_strides3(out), *_strides3(grad_out), n_q, heads,
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
+        )
+    else:
+        # The dQ kernel runs first: each of its programs owns a block of query rows, so it also
+        # computes those rows' delta (sum_d O dO) for the dK/dV kernel, instead of a separate pass.
+        def grid_q(cfg):
+            return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
+
+        _attn_bwd_dq[grid_q](
+            q, k, v, grad_out, out, lse, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(out), *_strides3(dq),
+            n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), **meta,
+        )
 
     def grid_kv(cfg):
         return (batch * kv_heads * splits * triton.cdiv(n_k, cfg["BLOCK_N"]),)
@@ -215,7 +228,6 @@ def attention_backward(
         dk_part = torch.empty((splits, batch, kv_heads, n_k, head_dim), dtype=torch.float32, device=q.device)
         dv_part = torch.empty_like(dk_part)
         split_stride = dk_part.stride(0)
-    atomic_dq = not (DETERMINISTIC or torch.are_deterministic_algorithms_enabled())
     # fp32 sum of dS K over key blocks (unscaled), zeroed because the kernel only adds into it.
     dq_acc = torch.zeros((batch, heads, n_q, head_dim), dtype=torch.float32, device=q.device) if atomic_dq else dq
     kernel = _attn_bwd_dkdv_dq if atomic_dq else _attn_bwd_dkdv
@@ -230,16 +242,6 @@ def attention_backward(
         dv.copy_(dv_part.sum(0))
     if atomic_dq:
         torch.mul(dq_acc, scale, out=dq)
-        return dq, dk, dv
-
-    def grid_q(cfg):
-        return (batch * heads * triton.cdiv(n_q, cfg["BLOCK_M"]),)
-
-    _attn_bwd_dq[grid_q](
-        q, k, v, grad_out, lse, delta, dq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-        n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), **meta,
-    )
     return dq, dk, dv
 
 

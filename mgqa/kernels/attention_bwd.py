@@ -1,11 +1,13 @@
 """Triton backward kernels for grouped-query attention.
 
-- ``_attn_bwd_delta``: delta_i = sum_d O_id * dO_id (float32), once per query row.
+- ``_attn_bwd_delta``: delta_i = sum_d O_id * dO_id (float32), once per query row; only before the
+  atomic-dQ kernel (the dQ kernel computes delta itself).
 - ``_attn_bwd_dkdv``: one program owns BLOCK_N keys of one KV head and loops over every query
   head of its group and every query block, so dK/dV are summed over the group in registers and
   written once, straight into (B, Hkv, Nk, D).
 - ``_attn_bwd_dq``: one program owns BLOCK_M query rows of one query head and loops over keys.
-  Deterministic (no atomics), at the price of recomputing QK^T and dO V^T: 7 matmuls in all.
+  Deterministic (no atomics), at the price of recomputing QK^T and dO V^T: 7 matmuls in all. It
+  runs before the dK/dV kernel and writes its rows' delta for it.
 - ``_attn_bwd_dkdv_dq``: the dK/dV kernel with ATOMIC_DQ, which also adds dS K into an fp32
   (B, H, Nq, D) buffer with atomics: 5 matmuls, but dQ's summation order varies run to run.
 
@@ -253,11 +255,12 @@ def _dq_step(
 )
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ,
+    Q, K, V, DO, Out, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dn,
+    stride_ob, stride_oh, stride_on,
     stride_gb, stride_gh, stride_gn,
     n_q, n_k, heads, qk_scale, sm_scale,
     N_BUCKET,
@@ -281,7 +284,11 @@ def _attn_bwd_dq(
     do = tl.load(DO + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
                  mask=mask, other=0.0)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * n_q + offs_m, mask=row_ok, other=0.0)
+    o = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0)
+    # delta_i = sum_d O_id dO_id, for this program's rows: used below and stored for the dK/dV kernel.
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * n_q + offs_m, delta, mask=row_ok)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
     k_desc, v_desc = _kv_tiles(k_base, v_base, n_k, stride_kn, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
