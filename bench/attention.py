@@ -166,7 +166,7 @@ def warm_up(shape_list, impls, dtype_name, workers):
         pool.map(warm_worker, tasks, chunksize=1)
 
 
-def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
+def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
     batch = TOKENS // n
     q, k, v, do = make_inputs(head_dim, kv_heads, n, dtype)
     flops = 4 * batch * HEADS * n * n * head_dim * (0.5 if causal else 1.0)
@@ -181,17 +181,24 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype):
     del ref, ref_grads, out, grads
 
     deterministic = mgqa_kernels.DETERMINISTIC
+    readings: dict = defaultdict(list)
+    for _ in range(repeat):  # rounds over all implementations, so that clock drift hits each alike
+        for name in impls:
+            fn = IMPLS[name]
+            set_mgqa_flags(name, deterministic)
+            try:
+                fwd = time_ms(lambda: fn(q, k, v, causal))
+                fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
+                readings[f"{name}_fwd"].append(flops / fwd / 1e9)
+                readings[f"{name}_fwdbwd"].append(3.5 * flops / fwd_bwd / 1e9)
+            except Exception as err:  # a peer refusing a shape is a result, not a crash
+                row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     for name in impls:
-        fn = IMPLS[name]
-        set_mgqa_flags(name, deterministic)
-        try:
-            fwd = time_ms(lambda: fn(q, k, v, causal))
-            fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
-            row[f"{name}_fwd"] = flops / fwd / 1e9
-            row[f"{name}_fwdbwd"] = 3.5 * flops / fwd_bwd / 1e9
-        except Exception as err:  # a peer refusing a shape is a result, not a crash
-            row[f"{name}_fwd"] = row[f"{name}_fwdbwd"] = None
-            row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        for phase in ("fwd", "fwdbwd"):
+            values = sorted(readings.get(f"{name}_{phase}", []))
+            row[f"{name}_{phase}"] = values[len(values) // 2] if values else None  # the median reading
+            if repeat > 1:
+                row[f"{name}_{phase}_readings"] = values
     mgqa_kernels.USE_TMA = True
     mgqa_kernels.DETERMINISTIC = deterministic
     for phase in ("fwd", "fwdbwd"):
@@ -232,6 +239,8 @@ def main():
     parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time every implementation this many times per shape, in rounds, and report the median")
     parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes that compile every shape's kernels before timing (0: compile while timing)")
     args = parser.parse_args()
@@ -239,7 +248,7 @@ def main():
     impls = [i for i in args.impls.split(",") if i]
     dtype = getattr(torch, args.dtype)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s",
+                python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s", repeat=args.repeat,
                 flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
     selected = [s for s in shapes(args.quick)
                 if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
@@ -250,7 +259,7 @@ def main():
         print(f"compiled the kernels of {len(selected)} shapes in {meta['warm_up_s']:.0f} s", flush=True)
     rows = []
     for head_dim, kv_heads, n, causal in selected:
-        rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype))
+        rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype, args.repeat))
         r = rows[-1]
         print(f"D={head_dim} Hkv={kv_heads} N={n} causal={causal}: "
               + " ".join(f"{i}={fmt(r.get(i + '_fwd'), 1)}/{fmt(r.get(i + '_fwdbwd'), 1)}" for i in impls)
