@@ -121,6 +121,11 @@ DETERMINISTIC = os.environ.get("MGQA_TRITON_DETERMINISTIC", "1") != "0"
 # exp2's FMA, 2 folded + lazy rescaling. Variants 1-2 assume a positive scale.
 FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
 
+# dK/dV kernel, programs that own one query head (MHA, or a group split down to one head each): one
+# query loop with the causal mask on every block, flattened with the head loop, instead of a masked
+# and an unmasked loop (bench/NOTES.md, v8). "auto": there only; "1": every shape; "0": never.
+DKDV_ONE_LOOP = os.environ.get("MGQA_TRITON_DKDV_ONE_LOOP", "auto")
+
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
 
@@ -228,6 +233,7 @@ def attention_backward(
         dk_part = torch.empty((splits, batch, kv_heads, n_k, head_dim), dtype=torch.float32, device=q.device)
         dv_part = torch.empty_like(dk_part)
         split_stride = dk_part.stride(0)
+    one_loop = not atomic_dq and (DKDV_ONE_LOOP == "1" or (DKDV_ONE_LOOP == "auto" and meta["GROUP"] == splits))
     # fp32 sum of dS K over key blocks (unscaled), zeroed because the kernel only adds into it.
     dq_acc = torch.zeros((batch, heads, n_q, head_dim), dtype=torch.float32, device=q.device) if atomic_dq else dq
     kernel = _attn_bwd_dkdv_dq if atomic_dq else _attn_bwd_dkdv
@@ -235,7 +241,8 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk_part, dv_part, dq_acc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), split_stride,
         *(dk_part.stride(i) for i in range(-4, -1)), *_strides3(dq_acc),
-        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq, **meta,
+        n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq,
+        ONE_LOOP=one_loop, FLATTEN=one_loop, **meta,
     )
     if splits > 1:
         dk.copy_(dk_part.sum(0))

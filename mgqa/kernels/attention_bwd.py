@@ -125,6 +125,8 @@ def _attn_bwd_dkdv_kernel(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,  # one query loop per head (causal mask on every block)
+    FLATTEN: tl.constexpr = False,  # flatten the head loop with that query loop (needs ONE_LOOP)
 ):
     # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
     num_n = tl.cdiv(n_k, BLOCK_N)
@@ -174,7 +176,7 @@ def _attn_bwd_dkdv_kernel(
         do_desc = DO
         dq_desc = DQ_ACC
     per_split = GROUP // SPLITS
-    for g in range(split * per_split, (split + 1) * per_split):
+    for g in tl.range(split * per_split, (split + 1) * per_split, flatten=FLATTEN):
         head32 = kv_head * GROUP + g
         head = head32.to(tl.int64)
         bh = batch.to(tl.int64) * (kv_heads * GROUP) + head
@@ -183,30 +185,38 @@ def _attn_bwd_dkdv_kernel(
         lse_base = Lse + bh * n_q
         delta_base = Delta + bh * n_q
         dq_base = DQ_ACC + batch.to(tl.int64) * stride_qqb + head * stride_qqh
-        for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn, stride_dn,
-                start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
-                HEAD_DIM, True, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
-            )
-        if ATOMIC_DQ:
-            # Start each key block at a different query block: programs of one group would
-            # otherwise add into the same dQ rows at the same time and serialise in L2.
-            count = tl.cdiv(n_q - mid, BLOCK_M)
-            for i in range(0, count):
-                start_m = mid + ((i + pid_n) % count) * BLOCK_M
+        if ONE_LOOP:
+            for start_m in range(lo, n_q, BLOCK_M):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
                     stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
-                    HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                    HEAD_DIM, CAUSAL, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
                 )
         else:
-            for start_m in range(mid, n_q, BLOCK_M):
+            for start_m in range(lo, mid, BLOCK_M):
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
                     stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc, stride_qqn,
-                    HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                    HEAD_DIM, True, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
                 )
+            if ATOMIC_DQ:
+                # Start each key block at a different query block: programs of one group would
+                # otherwise add into the same dQ rows at the same time and serialise in L2.
+                count = tl.cdiv(n_q - mid, BLOCK_M)
+                for i in range(0, count):
+                    start_m = mid + ((i + pid_n) % count) * BLOCK_M
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
+                        stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc,
+                        stride_qqn, HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                    )
+            else:
+                for start_m in range(mid, n_q, BLOCK_M):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, q_desc, do_desc, head32, lse_base, delta_base, stride_qn,
+                        stride_dn, start_m, offs_m0, offs_d, offs_n, n_q, offset, qk_scale, dq_base, dq_desc,
+                        stride_qqn, HEAD_DIM, False, INPUT_PRECISION, USE_TMA, ATOMIC_DQ,
+                    )
 
     out_off = (split.to(tl.int64) * stride_gs + batch.to(tl.int64) * stride_gb + kv_head.to(tl.int64) * stride_gh
                + offs_n[:, None] * stride_gn)
@@ -214,7 +224,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-_DKDV_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA", "ATOMIC_DQ"]
+_DKDV_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "N_BUCKET", "SPLITS", "USE_TMA", "ATOMIC_DQ", "ONE_LOOP", "FLATTEN"]
 _attn_bwd_dkdv = triton.autotune(
     configs=_DKDV_CONFIGS, key=_DKDV_KEY, prune_configs_by={"early_config_prune": prune_by_tile_bytes},
 )(_attn_bwd_dkdv_kernel)

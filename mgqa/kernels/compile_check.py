@@ -53,6 +53,9 @@ def variants():
                 ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd.GPU_CONFIGS[0]),
                 ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd.DQ_GPU_CONFIGS[0]),
                 ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd.DKDV_GPU_CONFIGS[0]),
+                # One query loop per head, flattened with the head loop (what MHA shapes run).
+                ("dkdv1", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0, "ONE_LOOP": 1, "FLATTEN": 1},
+                 attention_bwd.DKDV_GPU_CONFIGS[0]),
             ]:
                 yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
 

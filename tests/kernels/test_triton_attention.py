@@ -127,6 +127,16 @@ def test_group_split_over_programs(monkeypatch, splits):
     check_against_reference(q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("mode,kv_heads", [("1", 2), ("1", 1), ("0", 4)])
+@pytest.mark.parametrize("n_q,n_k", [(37, 37), (7, 40), (29, 11)])
+def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
+    # "auto" takes one causally masked query loop only where each dK/dV program owns one head (MHA);
+    # "1" forces it for query groups, "0" keeps the masked + unmasked loops for MHA.
+    monkeypatch.setattr(kernels, "DKDV_ONE_LOOP", mode)
+    q, k, v = make_inputs(1, 4, kv_heads, n_q, n_k, 64, torch.float32)
+    check_against_reference(q, k, v, causal=True)
+
+
 # (batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype) for the non-default paths.
 VARIANT_CASES = [
     (1, 4, 1, 37, 37, 64, True, torch.float32),
@@ -277,6 +287,7 @@ GPU_CASES = [
     (1, 4, 2, 517, 517, 96, True),
     (1, 4, 1, 300, 300, 256, True),
     (2, 4, 2, 1, 513, 128, True),
+    (2, 4, 4, 700, 700, 128, True),  # causal MHA: the dK/dV kernel's single flattened query loop
 ]
 
 
