@@ -125,6 +125,8 @@ FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
 # query loop with the causal mask on every block, flattened with the head loop, instead of a masked
 # and an unmasked loop (bench/NOTES.md, v8). "auto": there only; "1": every shape; "0": never.
 DKDV_ONE_LOOP = os.environ.get("MGQA_TRITON_DKDV_ONE_LOOP", "auto")
+if DKDV_ONE_LOOP not in ("auto", "0", "1"):
+    raise ValueError(f"MGQA_TRITON_DKDV_ONE_LOOP={DKDV_ONE_LOOP!r}: expected auto, 0 or 1")
 
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,6 +137,14 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
     monkeypatch.setattr(kernels, "DKDV_ONE_LOOP", mode)
     q, k, v = make_inputs(1, 4, kv_heads, n_q, n_k, 64, torch.float32)
     check_against_reference(q, k, v, causal=True)
+
+
+def test_bad_dkdv_loop_setting_names_the_value():
+    env = {**os.environ, "MGQA_TRITON_DKDV_ONE_LOOP": "yes"}
+    proc = subprocess.run([sys.executable, "-c", "import mgqa.kernels.attention"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "MGQA_TRITON_DKDV_ONE_LOOP='yes': expected auto, 0 or 1" in proc.stderr
 
 
 # (batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype) for the non-default paths.
