@@ -33,6 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mgqa.kernels import attention as mgqa_kernels
 
+CAUSAL_ORDER = mgqa_kernels.CAUSAL_ORDER  # as set by MGQA_TRITON_CAUSAL_ORDER; mgqa_grid_order overrides it
+
 TOKENS = 16384
 HEADS = 32
 
@@ -100,7 +102,13 @@ def mgqa_atomic_dq(q, k, v, causal):
     return mgqa_kernels.triton_attention(q, k, v, causal=causal)
 
 
-IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+def mgqa_grid_order(q, k, v, causal):
+    """mgqa with the plain chunk-by-chunk launch order under a causal mask (the bench loop sets the flag)."""
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
+IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq,
+         "mgqa_grid_order": mgqa_grid_order, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
          "flex": flex}
 
 
@@ -133,9 +141,10 @@ def make_inputs(head_dim, kv_heads, n, dtype):
 
 
 def set_mgqa_flags(name, deterministic):
-    """The module flags the mgqa variants differ by (TMA loads, atomic dQ)."""
+    """The module flags the mgqa variants differ by (TMA loads, atomic dQ, causal launch order)."""
     mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
     mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
+    mgqa_kernels.CAUSAL_ORDER = "grid" if name == "mgqa_grid_order" else CAUSAL_ORDER
 
 
 def warm_worker(task):
@@ -201,6 +210,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
                 row[f"{name}_{phase}_readings"] = values
     mgqa_kernels.USE_TMA = True
     mgqa_kernels.DETERMINISTIC = deterministic
+    mgqa_kernels.CAUSAL_ORDER = CAUSAL_ORDER
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
         peers = [x for x in peers if x]

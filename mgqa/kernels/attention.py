@@ -130,6 +130,37 @@ if DKDV_ONE_LOOP not in ("auto", "0", "1"):
 
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
+# Launch order under a causal mask (bench/NOTES.md, v9). "sections": the dK/dV kernel's programs go
+# in sections of a few KV heads' work (sized to share L2), the longest programs (first key blocks)
+# of the whole section first, so the launch ends on short programs. "grid": one KV head's programs
+# after another (each head's longest first), which can leave a few long programs running alone.
+CAUSAL_ORDER = os.environ.get("MGQA_TRITON_CAUSAL_ORDER", "sections")
+if CAUSAL_ORDER not in ("sections", "grid"):
+    raise ValueError(f"MGQA_TRITON_CAUSAL_ORDER={CAUSAL_ORDER!r}: expected sections or grid")
+# Which kernels take the sectioned order ("fwd", "dq", "dkdv"); the others keep the grid order.
+SECTION_KERNELS: tuple[str, ...] = ("dkdv",)
+FORCE_SECTION_CHUNKS: Optional[int] = None  # tests pin the chunks per section
+_SECTION_L2_SHARE = 0.65  # of the L2 cache, for the data a section's programs share
+_SECTION_WAVES = 4  # programs per section: at least this many times the SM count, where L2 allows
+
+
+def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device) -> dict:
+    """SECTION_PROGRAMS and SECTION_CHUNKS for one launch (attention_common._query_block_program).
+
+    ``chunk_bytes``: what the programs of one chunk share through L2 (one KV head's K/V for the
+    query-block kernels; one group split's Q/dO for the dK/dV kernel). Without a causal mask every
+    program does the same work and the plain order stays.
+    """
+    if not causal or CAUSAL_ORDER == "grid" or kernel not in SECTION_KERNELS:
+        return dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
+    if FORCE_SECTION_CHUNKS is not None:
+        return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=FORCE_SECTION_CHUNKS)
+    if INTERPRET or not torch.cuda.is_available():
+        return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=3)  # small shapes: several chunks, a ragged last
+    props = torch.cuda.get_device_properties(device)
+    chunks = max(1, int(_SECTION_L2_SHARE * props.L2_cache_size) // max(chunk_bytes, 1))
+    return dict(SECTION_PROGRAMS=_SECTION_WAVES * props.multi_processor_count, SECTION_CHUNKS=chunks)
+
 
 def _dkdv_splits(batch: int, kv_heads: int, n_k: int, group: int, device: torch.device) -> int:
     """How many programs share one KV tile's group, so that few KV heads still fill the GPU.
@@ -177,9 +208,11 @@ def attention_forward(
 
     use_tma = _tma_ok(q, k, v)
     softmax = FWD_SOFTMAX if scale > 0 else 0
+    kv_bytes = 2 * n_k * head_dim * q.element_size()
     _attn_fwd[grid](
         q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, SOFTMAX=softmax, **meta,
+        n_q, n_k, heads, scale * math.log2(math.e), USE_TMA=use_tma, SOFTMAX=softmax,
+        **_sections("fwd", causal, kv_bytes, q.device), **meta,
     )
     return out, lse
 
@@ -221,7 +254,8 @@ def attention_backward(
         _attn_bwd_dq[grid_q](
             q, k, v, grad_out, out, lse, delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(out), *_strides3(dq),
-            n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v), **meta,
+            n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v),
+            **_sections("dq", causal, 2 * n_k * head_dim * q.element_size(), q.device), **meta,
         )
 
     def grid_kv(cfg):
@@ -235,6 +269,7 @@ def attention_backward(
         dk_part = torch.empty((splits, batch, kv_heads, n_k, head_dim), dtype=torch.float32, device=q.device)
         dv_part = torch.empty_like(dk_part)
         split_stride = dk_part.stride(0)
+    qdo_bytes = 2 * (meta["GROUP"] // splits) * n_q * head_dim * q.element_size()
     one_loop = not atomic_dq and (DKDV_ONE_LOOP == "1" or (DKDV_ONE_LOOP == "auto" and meta["GROUP"] == splits))
     # fp32 sum of dS K over key blocks (unscaled), zeroed because the kernel only adds into it.
     dq_acc = torch.zeros((batch, heads, n_q, head_dim), dtype=torch.float32, device=q.device) if atomic_dq else dq
@@ -244,7 +279,7 @@ def attention_backward(
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), split_stride,
         *(dk_part.stride(i) for i in range(-4, -1)), *_strides3(dq_acc),
         n_q, n_k, kv_heads, qk_scale, scale, SPLITS=splits, USE_TMA=use_tma, ATOMIC_DQ=atomic_dq,
-        ONE_LOOP=one_loop, FLATTEN=one_loop, **meta,
+        ONE_LOOP=one_loop, FLATTEN=one_loop, **_sections("dkdv", causal, qdo_bytes, q.device), **meta,
     )
     if splits > 1:
         dk.copy_(dk_part.sum(0))

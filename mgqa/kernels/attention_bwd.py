@@ -20,7 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mgqa.kernels.attention_common import _key_range, _kv_tiles, _load_kv_tile, _query_block_program
+from mgqa.kernels.attention_common import (
+    _key_block_program, _key_range, _kv_tiles, _load_kv_tile, _query_block_program,
+)
 from mgqa.kernels.attention_fwd import INTERPRET, prune_by_tile_bytes
 
 
@@ -127,13 +129,9 @@ def _attn_bwd_dkdv_kernel(
     USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,  # one query loop per head (causal mask on every block)
     FLATTEN: tl.constexpr = False,  # flatten the head loop with that query loop (needs ONE_LOOP)
+    SECTION_PROGRAMS=1, SECTION_CHUNKS=1,  # launch order (attention_common._key_block_program)
 ):
-    # 1-D grid, key block fastest: the programs running at once share one group's Q/dO in L2.
-    num_n = tl.cdiv(n_k, BLOCK_N)
-    pid_n = tl.program_id(0) % num_n
-    pid_rest = tl.program_id(0) // num_n
-    split = pid_rest % SPLITS
-    pid_bkv = pid_rest // SPLITS
+    pid_n, split, pid_bkv = _key_block_program(n_k, SPLITS, BLOCK_N, SECTION_PROGRAMS, SECTION_CHUNKS)
     batch = pid_bkv // kv_heads
     kv_head = pid_bkv % kv_heads
     start_n = pid_n * BLOCK_N
@@ -277,9 +275,11 @@ def _attn_bwd_dq(
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    SECTION_PROGRAMS=1, SECTION_CHUNKS=1,
 ):
-    # Same 1-D order as the forward: (batch, kv_head, query block, group member).
-    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
+    # Same 1-D order as the forward: sections of (query block, batch and kv_head, group member).
+    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL, SECTION_PROGRAMS,
+                                                           SECTION_CHUNKS)
     batch, kv_head = batch.to(tl.int64), kv_head.to(tl.int64)
     head = kv_head * GROUP + member
     pid_bh = batch * heads + head

@@ -11,26 +11,65 @@ import triton.language as tl
 
 
 @triton.jit
-def _query_block_program(n_q, heads, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+def _section_chunks(programs_per_chunk, SECTION_PROGRAMS, SECTION_CHUNKS):
+    """How many chunks (a chunk: every program of one KV head's group, or of one group split) one
+    section of the launch order spans: enough for SECTION_PROGRAMS programs, at most SECTION_CHUNKS
+    (the host's L2 budget; 1 keeps the plain chunk-by-chunk order)."""
+    return tl.maximum(tl.minimum(tl.cdiv(SECTION_PROGRAMS, programs_per_chunk), SECTION_CHUNKS), 1)
+
+
+@triton.jit
+def _query_block_program(
+    n_q, heads, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, SECTION_PROGRAMS, SECTION_CHUNKS,
+):
     """This program's (batch, kv_head, member, start_m) on a 1-D grid of query blocks; its query
     head is ``kv_head * GROUP + member`` (so it reads KV head ``head // GROUP``).
 
-    The grid is ordered (batch, kv_head, query block, group member), the member fastest: programs
-    running at once share one KV head's K/V tiles, which then come from L2.
+    The grid is cut into sections of a few (batch, kv_head) chunks; within a section the order is
+    (query block, chunk, group member), the member fastest: programs running at once share one KV
+    head's K/V tiles, which then come from L2. Causal query blocks run last-first (the last see the
+    most keys), across the whole section, so the launch ends on short programs instead of leaving a
+    few long ones running alone. With one chunk per section this is the plain (chunk, query block,
+    member) order.
     """
     num_m = tl.cdiv(n_q, BLOCK_M)
-    pid = tl.program_id(0)
     per_kv = GROUP * num_m
-    pid_bkv = pid // per_kv
-    rest = pid % per_kv
-    pid_m = rest // GROUP
+    pid = tl.program_id(0)
+    n_chunks = tl.num_programs(0) // per_kv
+    section = _section_chunks(per_kv, SECTION_PROGRAMS, SECTION_CHUNKS)
+    first = pid // (section * per_kv) * section
+    within = pid - first * per_kv
+    per_block = tl.minimum(section, n_chunks - first) * GROUP
+    pid_m = within // per_block
+    rest = within % per_block
     if CAUSAL:
-        # The last query blocks see the most keys: start them first for a shorter tail.
         pid_m = num_m - 1 - pid_m
     kv_heads = heads // GROUP
+    pid_bkv = first + rest // GROUP
     batch = pid_bkv // kv_heads
     kv_head = pid_bkv % kv_heads
     return batch, kv_head, rest % GROUP, pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_block_program(n_k, SPLITS, BLOCK_N: tl.constexpr, SECTION_PROGRAMS, SECTION_CHUNKS):
+    """This dK/dV program's (pid_n, split, pid_bkv): its key block, which part of the query group
+    it sums over, and its (batch, kv_head) as ``batch * kv_heads + kv_head``.
+
+    Sections as in ``_query_block_program``, a chunk being one group split's key blocks, ordered
+    (key block, chunk) within a section: the programs running at once share a few groups' Q/dO in
+    L2, and under a causal mask the first key blocks, which see the most queries, start first
+    across the whole section. With one chunk per section: (chunk, key block).
+    """
+    num_n = tl.cdiv(n_k, BLOCK_N)
+    pid = tl.program_id(0)
+    n_chunks = tl.num_programs(0) // num_n
+    section = _section_chunks(num_n, SECTION_PROGRAMS, SECTION_CHUNKS)
+    first = pid // (section * num_n) * section
+    within = pid - first * num_n
+    count = tl.minimum(section, n_chunks - first)
+    chunk = first + within % count
+    return within // count, chunk % SPLITS, chunk // SPLITS
 
 
 @triton.jit

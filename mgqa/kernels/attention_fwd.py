@@ -137,8 +137,10 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     SOFTMAX: tl.constexpr,  # 0: scale then max; 1: scale folded into exp2's FMA; 2: 1 + lazy rescaling
+    SECTION_PROGRAMS=1, SECTION_CHUNKS=1,  # launch order (attention_common._query_block_program)
 ):
-    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL)
+    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, CAUSAL, SECTION_PROGRAMS,
+                                                           SECTION_CHUNKS)
     head = kv_head * GROUP + member
     pid_bh = batch * heads + head
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -26,8 +26,15 @@ from triton.compiler import ASTSource
 from mgqa.kernels import attention_bwd, attention_fwd
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
-INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS")  # runtime integers despite their names
+INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
 FP32_POINTERS = ("Lse", "Delta", "DQ_ACC")
+
+
+def _constexpr_defaults(fn) -> dict:
+    """The kernel's constexpr parameters that have defaults (e.g. ONE_LOOP=False), so that a
+    variant leaving them out compiles what a launch leaving them out runs."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)}
 
 
 def _signature(jit_fn, constexprs: dict) -> dict[str, str]:
@@ -57,7 +64,8 @@ def variants():
                 ("dkdv1", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0, "ONE_LOOP": 1, "FLATTEN": 1},
                  attention_bwd.DKDV_GPU_CONFIGS[0]),
             ]:
-                yield f"{name} {tag}", fn, {**common, **extra, **cfg.kwargs}, cfg.num_warps, cfg.num_stages
+                constexprs = {**_constexpr_defaults(fn.fn), **common, **extra, **cfg.kwargs}
+                yield f"{name} {tag}", fn, constexprs, cfg.num_warps, cfg.num_stages
 
 
 def main(argv: list[str] | None = None) -> int:

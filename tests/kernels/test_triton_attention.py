@@ -14,9 +14,12 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mgqa.ops
 from mgqa.kernels import attention as kernels
+from mgqa.kernels.attention_common import _key_block_program, _query_block_program
 from mgqa.ops.reference import reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -145,6 +148,85 @@ def test_bad_dkdv_loop_setting_names_the_value():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "MGQA_TRITON_DKDV_ONE_LOOP='yes': expected auto, 0 or 1" in proc.stderr
+
+
+@pytest.mark.parametrize("order,chunks,splits", [("grid", None, 1), ("sections", 2, 1), ("sections", 4, 1),
+                                                 ("sections", 4, 2), ("sections", 64, 1)])
+@pytest.mark.parametrize("n_q,n_k", [(37, 37), (21, 45)])
+def test_causal_launch_orders(monkeypatch, order, chunks, splits, n_q, n_k):
+    # Six (batch, KV head) chunks: sections of 2 divide them, of 4 leave a ragged last section, 64 is one section.
+    monkeypatch.setattr(kernels, "CAUSAL_ORDER", order)
+    monkeypatch.setattr(kernels, "SECTION_KERNELS", ("fwd", "dq", "dkdv"))  # the default takes dK/dV only
+    monkeypatch.setattr(kernels, "FORCE_SECTION_CHUNKS", chunks)
+    monkeypatch.setattr(kernels, "FORCE_DKDV_SPLITS", splits)
+    q, k, v = make_inputs(2, 6, 3, n_q, n_k, 64, torch.float32)
+    check_against_reference(q, k, v, causal=True)
+
+
+@triton.jit
+def _record_query_order(Out, n_q, heads, GROUP, BLOCK_M: tl.constexpr, SP, SC):
+    batch, kv_head, member, start_m = _query_block_program(n_q, heads, GROUP, BLOCK_M, True, SP, SC)
+    pid = tl.program_id(0)
+    tl.store(Out + pid * 3, batch * (heads // GROUP) + kv_head)
+    tl.store(Out + pid * 3 + 1, start_m // BLOCK_M)
+    tl.store(Out + pid * 3 + 2, member)
+
+
+@triton.jit
+def _record_key_order(Out, n_k, SPLITS, BLOCK_N: tl.constexpr, SP, SC):
+    pid_n, split, pid_bkv = _key_block_program(n_k, SPLITS, BLOCK_N, SP, SC)
+    pid = tl.program_id(0)
+    tl.store(Out + pid * 3, pid_bkv * SPLITS + split)
+    tl.store(Out + pid * 3 + 1, pid_n)
+    tl.store(Out + pid * 3 + 2, 0)
+
+
+def _launch_order(kind, chunks, blocks, group, section):
+    """What each program of a 1-D grid works on, in launch order, read back from the kernels' own
+    mapping functions: (chunk, block, member); a chunk is one (batch, KV head), blocks are query
+    blocks ("query", with ``group`` members each) or key blocks ("key"); ``section``: chunks per
+    section, None for the plain order."""
+    sp, sc = (1, 1) if section is None else (1 << 30, section)
+    if kind == "query":
+        n = chunks * blocks * group
+        out = torch.full((n, 3), -1, dtype=torch.int32, device=DEVICE)
+        _record_query_order[(n,)](out, 16 * blocks - 3, group * chunks // 2, group, 16, sp, sc)  # 2 batches
+    else:
+        n = chunks * blocks
+        out = torch.full((n, 3), -1, dtype=torch.int32, device=DEVICE)
+        _record_key_order[(n,)](out, 16 * blocks - 3, 1, 16, sp, sc)
+    return [tuple(r) for r in out.tolist()]
+
+
+@pytest.mark.parametrize("section", [None, 1, 4, 8])
+@pytest.mark.parametrize("kind", ["query", "key"])
+def test_launch_order_sections(kind, section):
+    """Every (chunk, block, member) is launched exactly once; within a section the longest causal
+    programs (last query blocks, first key blocks) of every chunk come first; one chunk per section
+    (or none) is the plain chunk-by-chunk order."""
+    chunks, blocks = 6, 5
+    group = 2 if kind == "query" else 1
+    order = _launch_order(kind, chunks, blocks, group, section)
+    expected = {(c, b, m) for c in range(chunks) for b in range(blocks) for m in range(group)}
+    assert len(order) == len(expected) and set(order) == expected
+    size = 1 if section is None else min(section, chunks)
+    per_chunk = blocks * group
+    longest_first = (lambda b: -b) if kind == "query" else (lambda b: b)
+    for start in range(0, chunks, size):
+        part = order[start * per_chunk:(start + size) * per_chunk]
+        assert {c for c, _, _ in part} == set(range(start, min(start + size, chunks)))
+        keys = [longest_first(b) for _, b, _ in part]
+        assert keys == sorted(keys), f"section at chunk {start}: blocks {[b for _, b, _ in part]}"
+    if size == 1:
+        assert order == sorted(order, key=lambda r: (r[0], longest_first(r[1]), r[2]))
+
+
+def test_bad_causal_order_setting_names_the_value():
+    env = {**os.environ, "MGQA_TRITON_CAUSAL_ORDER": "lpt"}
+    proc = subprocess.run([sys.executable, "-c", "import mgqa.kernels.attention"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "MGQA_TRITON_CAUSAL_ORDER='lpt': expected sections or grid" in proc.stderr
 
 
 # (batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype) for the non-default paths.
