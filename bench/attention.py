@@ -191,8 +191,10 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
 
     deterministic = mgqa_kernels.DETERMINISTIC
     readings: dict = defaultdict(list)
-    for _ in range(repeat):  # rounds over all implementations, so that clock drift hits each alike
-        for name in impls:
+    for r in range(repeat):
+        # Rounds over all implementations, in reverse order every other round: clock drift, and
+        # whatever the previous implementation leaves behind, hit each alike.
+        for name in impls if r % 2 == 0 else impls[::-1]:
             fn = IMPLS[name]
             set_mgqa_flags(name, deterministic)
             try:
@@ -250,7 +252,7 @@ def main():
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--repeat", type=int, default=1,
-                        help="time every implementation this many times per shape, in rounds, and report the median")
+                        help="time every implementation this many times per shape, in rounds (the order reversed every other round), and report the median")
     parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes that compile every shape's kernels before timing (0: compile while timing)")
     args = parser.parse_args()
