@@ -142,12 +142,16 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
     check_against_reference(q, k, v, causal=True)
 
 
-def test_bad_dkdv_loop_setting_names_the_value():
-    env = {**os.environ, "MGQA_TRITON_DKDV_ONE_LOOP": "yes"}
+@pytest.mark.parametrize("variable,value,expected", [
+    ("MGQA_TRITON_DKDV_ONE_LOOP", "yes", "expected auto, 0 or 1"),
+    ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
+])
+def test_bad_kernel_setting_names_the_value(variable, value, expected):
+    env = {**os.environ, variable: value}
     proc = subprocess.run([sys.executable, "-c", "import mgqa.kernels.attention"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "MGQA_TRITON_DKDV_ONE_LOOP='yes': expected auto, 0 or 1" in proc.stderr
+    assert f"{variable}={value!r}: {expected}" in proc.stderr
 
 
 @pytest.mark.parametrize("order,chunks,splits", [("grid", None, 1), ("sections", 2, 1), ("sections", 4, 1),
@@ -219,14 +223,6 @@ def test_launch_order_sections(kind, section):
         assert keys == sorted(keys), f"section at chunk {start}: blocks {[b for _, b, _ in part]}"
     if size == 1:
         assert order == sorted(order, key=lambda r: (r[0], longest_first(r[1]), r[2]))
-
-
-def test_bad_causal_order_setting_names_the_value():
-    env = {**os.environ, "MGQA_TRITON_CAUSAL_ORDER": "lpt"}
-    proc = subprocess.run([sys.executable, "-c", "import mgqa.kernels.attention"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "MGQA_TRITON_CAUSAL_ORDER='lpt': expected sections or grid" in proc.stderr
 
 
 # (batch, heads, kv_heads, n_q, n_k, head_dim, causal, dtype) for the non-default paths.
