@@ -34,3 +34,23 @@ def test_kernels_compile_for_sm90_with_matrix_and_tma_instructions(tmp_path):
         assert 0 < shared <= 227 * 1024, f"{kernel}: {shared} B of shared memory cannot launch on an H100"
     ptx = (tmp_path / "ptx" / "fwd_tma1_causal1.ptx").read_text()
     assert ".target sm_90" in ptx
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.timeout(300)
+def test_gluon_forward_experiment_compiles_with_overlapped_matmuls(tmp_path):
+    """bench/gluon_attention.py --compile-only: every variant compiles for sm_90 without spills, and
+    the overlapping ones keep one matmul in flight (wait_group 1) without ptxas serialising them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "bench/gluon_attention.py", "--compile-only", "--ptx-dir", str(tmp_path / "ptx")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("overlap_", "serial_"))]
+    assert len(rows) == 4, proc.stdout
+    assert "ptxas:" not in proc.stdout, proc.stdout  # no wgmma serialisation warning
+    for row in rows:
+        assert "spill stores 0 B" in row, row
+        assert ("'1'" in row) == row.startswith("overlap_"), row
