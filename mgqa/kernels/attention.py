@@ -13,6 +13,7 @@ traces under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Optional
@@ -137,6 +138,80 @@ FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divid
 CAUSAL_ORDER = os.environ.get("MGQA_TRITON_CAUSAL_ORDER", "sections")
 if CAUSAL_ORDER not in ("sections", "grid"):
     raise ValueError(f"MGQA_TRITON_CAUSAL_ORDER={CAUSAL_ORDER!r}: expected sections or grid")
+# Forward kernel. "auto": on sm_90, the warp-specialised Gluon kernel (attention_fwd_ws; head_dim 128,
+# fp16/bf16) where it applies, the tl kernel elsewhere; "tl": always the tl kernel.
+FWD_IMPL = os.environ.get("MGQA_TRITON_FWD_IMPL", "auto")
+if FWD_IMPL not in ("auto", "tl"):
+    raise ValueError(f"MGQA_TRITON_FWD_IMPL={FWD_IMPL!r}: expected auto or tl")
+# dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
+# (attention_bwd_ws) where it applies; "tl": always the tl kernel.
+BWD_IMPL = os.environ.get("MGQA_TRITON_BWD_IMPL", "auto")
+if BWD_IMPL not in ("auto", "tl"):
+    raise ValueError(f"MGQA_TRITON_BWD_IMPL={BWD_IMPL!r}: expected auto or tl")
+_gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
+# Below this many keys the tl forward runs (bench/NOTES.md, v11): with few key blocks per program the
+# Gluon kernel's set-up (one 229 KB program per SM) costs more than its overlap gains. Measured on
+# an H100: non-causal it gains from 2k keys; causal (half the blocks) it lost 15% at 1k, 0-10% at
+# 2k, and gains from 4k. Tests lower both.
+WS_MIN_KEYS = 2048
+WS_MIN_KEYS_CAUSAL = 4096
+# The Gluon dK/dV kernel has no group split: below this many programs per SM the tl kernel, which
+# splits the group to fill the GPU, runs instead. Tests set it to 0.
+WS_BWD_MIN_PROGRAMS_PER_SM = 2
+
+
+def _gluon_module(name: str):
+    """mgqa.kernels.<name> (a Gluon kernel module), or a string saying why it cannot be imported."""
+    if name not in _gluon_modules:
+        try:
+            _gluon_modules[name] = importlib.import_module(f"mgqa.kernels.{name}")
+        except Exception as err:  # an older Triton without Gluon's Hopper API
+            _gluon_modules[name] = f"Gluon unavailable in triton {triton.__version__} ({type(err).__name__}: {err})"
+    return _gluon_modules[name]
+
+
+def _gluon_common_reason(setting: str, value: str, name: str, *tensors: torch.Tensor):
+    """(module, None) if a Gluon kernel module may run these tensors, else (None, reason)."""
+    q = tensors[0]
+    if value != "auto":
+        return None, f"{setting}={value}"
+    if INTERPRET or not q.is_cuda:
+        return None, "not on a CUDA device (Gluon has no interpreter)"
+    module = _gluon_module(name)
+    if isinstance(module, str):
+        return None, module
+    if not _tma_ok(*tensors):
+        return None, "tensor descriptors off (MGQA_TRITON_TMA=0) or layout unfit (16-byte aligned base and strides needed)"
+    return module, None
+
+
+def ws_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> Optional[str]:
+    """None if the forward runs the warp-specialised Gluon kernel for these inputs, else why not."""
+    module, reason = _gluon_common_reason("MGQA_TRITON_FWD_IMPL", FWD_IMPL, "attention_fwd_ws", q, k, v)
+    if reason is None:
+        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."), scale,
+                                           torch.cuda.get_device_capability(q.device))
+    min_keys = WS_MIN_KEYS_CAUSAL if causal else WS_MIN_KEYS
+    if reason is None and k.shape[2] < min_keys:
+        reason = f"{k.shape[2]} keys (the tl kernel is faster below {min_keys}{' with a causal mask' if causal else ''})"
+    return reason
+
+
+def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
+    """None if the deterministic backward's dK/dV runs the warp-specialised Gluon kernel, else why not."""
+    module, reason = _gluon_common_reason("MGQA_TRITON_BWD_IMPL", BWD_IMPL, "attention_bwd_ws", q, k, v, grad_out)
+    if reason is None:
+        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
+                                           torch.cuda.get_device_capability(q.device))
+    if reason is None:
+        # No group split: with few programs the tl kernel's split over the group fills the GPU better.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        programs = q.shape[0] * k.shape[1] * triton.cdiv(k.shape[2], 2 * module.BLOCK_N)
+        if programs < WS_BWD_MIN_PROGRAMS_PER_SM * sms:
+            reason = f"{programs} key-block programs (fewer than {WS_BWD_MIN_PROGRAMS_PER_SM} per SM)"
+    return reason
+
+
 # Which kernels take the sectioned order ("fwd", "dq", "dkdv"); the others keep the grid order.
 SECTION_KERNELS: tuple[str, ...] = ("dkdv",)
 FORCE_SECTION_CHUNKS: Optional[int] = None  # tests pin the chunks per section
@@ -201,6 +276,9 @@ def attention_forward(
     lse = _empty((batch, heads, n_q), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    if ws_forward_reason(q, k, v, causal, scale) is None:
+        _gluon_module("attention_fwd_ws").launch(q, k, v, out, lse, causal, scale * math.log2(math.e))
+        return out, lse
     meta = _common_meta(q, k, causal)
 
     def grid(cfg):
@@ -257,6 +335,12 @@ def attention_backward(
             n_q, n_k, heads, qk_scale, scale, USE_TMA=_tma_ok(q, k, v),
             **_sections("dq", causal, 2 * n_k * head_dim * q.element_size(), q.device), **meta,
         )
+
+    if not atomic_dq and ws_backward_reason(q, k, v, grad_out) is None:
+        group_bytes = 2 * meta["GROUP"] * n_q * head_dim * q.element_size()  # one chunk's Q/dO
+        _gluon_module("attention_bwd_ws").launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
+                                                 _sections("dkdv", causal, group_bytes, q.device))
+        return dq, dk, dv
 
     def grid_kv(cfg):
         return (batch * kv_heads * splits * triton.cdiv(n_k, cfg["BLOCK_N"]),)

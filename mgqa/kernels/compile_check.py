@@ -4,9 +4,13 @@
 
 Triton's interpreter (how CI runs the kernels on CPU) accepts code the real compiler refuses, and
 says nothing about the instructions a kernel becomes. This compiles the forward, dQ and dK/dV
-kernels (head_dim 128, bf16, causal and not, pointer and tensor-descriptor loads) to PTX and
-reports, per variant, the shared memory, the Hopper matrix instructions (``wgmma``) and the bulk
-tensor copies (TMA). Exit status 1 if a variant fails to compile or, for sm_90, uses no wgmma.
+kernels (head_dim 128, bf16, causal and not, pointer and tensor-descriptor loads) and, for sm_90,
+the warp-specialised Gluon forward (``attention_fwd_ws``) to PTX and reports, per variant, the
+shared memory, the Hopper matrix instructions (``wgmma``), the bulk tensor copies (TMA) and, where
+Triton's ptxas is installed, the bytes of register spills and whether ptxas serialised the
+``wgmma`` instructions. Exit status 1 if a variant fails to compile, if for sm_90 one uses no
+wgmma, if a warp-specialised kernel has its matrix instructions serialised, or if the
+warp-specialised forward spills.
 Needs Triton's NVIDIA backend (bundled with the Linux wheels) and must run with
 ``TRITON_INTERPRET`` unset.
 """
@@ -16,7 +20,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -65,7 +72,40 @@ def variants():
                  attention_bwd.DKDV_GPU_CONFIGS[0]),
             ]:
                 constexprs = {**_constexpr_defaults(fn.fn), **common, **extra, **cfg.kwargs}
-                yield f"{name} {tag}", fn, constexprs, cfg.num_warps, cfg.num_stages
+                yield f"{name} {tag}", fn, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def ws_variants():
+    """The warp-specialised Gluon kernels (sm_90 only), forward and dK/dV, causal and not, as their
+    ``launch`` functions run them."""
+    from mgqa.kernels import attention_bwd_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
+
+    for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
+                        ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws)):
+        for causal in (0, 1):
+            constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
+                          "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
+            if tag == "dkdvws":
+                constexprs["STAGES"], constexprs["PREFETCH"] = ws.SETTINGS[bool(causal)]
+            else:
+                constexprs["STAGES"] = ws.STAGES
+            yield f"{tag} tma=1 causal={causal}", fn, constexprs, {"num_warps": ws.NUM_WARPS, "maxnreg": ws.MAXNREG}
+
+
+def _ptxas_report(ptx: str) -> tuple[str, str]:
+    """(spill bytes, 'yes'/'no' wgmma serialised) from Triton's bundled ptxas, or ('-', '-')."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = re.search(r"\.target (sm_\w+)", ptx)
+    if not ptxas.is_file() or arch is None:
+        return "-", "-"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([str(ptxas), f"-arch={arch.group(1)}", "-v", str(src), "-o", str(src.with_suffix(".o"))],
+                              capture_output=True, text=True)
+    report = proc.stdout + proc.stderr
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+    return str(spills), "yes" if "wgmma.mma_async instructions are serialized" in report else "no"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,24 +118,36 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'variant':24s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s}")
-    for name, fn, constexprs, warps, stages in variants():
+    print(f"{'variant':24s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s} {'spill B':>8s} {'serialised':>10s}")
+    builds = list(variants())
+    if args.arch == 90:
+        builds += list(ws_variants())
+    for name, fn, constexprs, options in builds:
         try:
-            kernel = triton.compile(
-                ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs),
-                target=target,
-                options={"num_warps": warps, "num_stages": stages},
-            )
+            if name.split()[0].endswith("ws"):
+                from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
+
+                source = GluonASTSource(fn, _signature(fn, constexprs), constexprs)
+            else:
+                source = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+            kernel = triton.compile(source, target=target, options=options)
         except Exception as err:  # report every variant, then fail
             failed += 1
             print(f"{name:24s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
         ptx = kernel.asm["ptx"]
         wgmma, tma = ptx.count("wgmma.mma_async"), ptx.count("cp.async.bulk.tensor")
+        spills, serialised = _ptxas_report(ptx)
         if args.arch >= 90 and wgmma == 0:
             failed += 1
             name += " (no wgmma)"
-        print(f"{name:24s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d}")
+        if name.split()[0].endswith("ws") and serialised == "yes":
+            failed += 1
+            name += " (serialised)"
+        if name.startswith("fwdws") and spills not in ("0", "-"):
+            failed += 1
+            name += " (spills)"
+        print(f"{name:24s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")
         if args.ptx_dir is not None:
             args.ptx_dir.mkdir(parents=True, exist_ok=True)
             (args.ptx_dir / ("_".join(name.split(" (")[0].split()).replace("=", "") + ".ptx")).write_text(ptx)

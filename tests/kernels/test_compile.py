@@ -26,12 +26,18 @@ def test_kernels_compile_for_sm90_with_matrix_and_tma_instructions(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("fwd", "dq", "dkdv"))]
-    assert len(rows) == 16
+    assert len(rows) == 20, proc.stdout
     for row in rows:
         kernel, tma, shared, wgmma, tma_copies = row[0], row[1], int(row[3]), int(row[4]), int(row[5])
         assert wgmma > 0, f"{kernel} {tma}: no Hopper matrix instructions"
         assert (tma_copies > 0) == (tma == "tma=1"), f"{kernel} {tma}: TMA copies {tma_copies}"
         assert 0 < shared <= 227 * 1024, f"{kernel}: {shared} B of shared memory cannot launch on an H100"
+    # The warp-specialised Gluon kernels, both masks: matmuls left asynchronous; the forward spills nothing.
+    ws_rows = [row for row in rows if row[0] in ("fwdws", "dkdvws")]
+    assert len(ws_rows) == 4
+    for row in ws_rows:
+        assert row[7] == "no", row
+        assert row[0] != "fwdws" or row[6] == "0", row
     ptx = (tmp_path / "ptx" / "fwd_tma1_causal1.ptx").read_text()
     assert ".target sm_90" in ptx
 
@@ -48,9 +54,9 @@ def test_gluon_forward_experiment_compiles_with_overlapped_matmuls(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("overlap_", "serial_"))]
-    assert len(rows) == 4, proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("overlap_", "serial_", "ws_"))]
+    assert len(rows) == 6, proc.stdout
     assert "ptxas:" not in proc.stdout, proc.stdout  # no wgmma serialisation warning
     for row in rows:
         assert "spill stores 0 B" in row, row
-        assert ("'1'" in row) == row.startswith("overlap_"), row
+        assert ("'1'" in row) == row.startswith(("overlap_", "ws_")), row

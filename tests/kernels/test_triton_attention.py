@@ -145,6 +145,8 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
 @pytest.mark.parametrize("variable,value,expected", [
     ("MGQA_TRITON_DKDV_ONE_LOOP", "yes", "expected auto, 0 or 1"),
     ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
+    ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto or tl"),
+    ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto or tl"),
 ])
 def test_bad_kernel_setting_names_the_value(variable, value, expected):
     env = {**os.environ, variable: value}
@@ -367,6 +369,39 @@ def test_mixed_dtypes_raise_value_error():
         kernels.triton_attention(q, k.half(), v, causal=False)
 
 
+def test_warp_specialised_forward_applies_only_where_measured():
+    """The Gluon forward takes sm_90, head_dim 128, fp16/bf16 and a positive scale; anything else
+    names why the tl kernel runs instead."""
+    ws = pytest.importorskip("mgqa.kernels.attention_fwd_ws", reason="Gluon unavailable in this Triton")
+    assert ws.unsupported_reason(128, "bfloat16", 0.088, (9, 0)) is None
+    assert ws.unsupported_reason(128, "float16", 1.0, (9, 0)) is None
+    assert "8.0" in ws.unsupported_reason(128, "bfloat16", 0.088, (8, 0))
+    assert "10.0" in ws.unsupported_reason(128, "bfloat16", 0.088, (10, 0))
+    assert "head_dim 64" in ws.unsupported_reason(64, "bfloat16", 0.125, (9, 0))
+    assert "float32" in ws.unsupported_reason(128, "float32", 0.088, (9, 0))
+    assert "scale -1.0" in ws.unsupported_reason(128, "bfloat16", -1.0, (9, 0))
+
+
+def test_warp_specialised_dkdv_applies_only_where_measured():
+    ws = pytest.importorskip("mgqa.kernels.attention_bwd_ws", reason="Gluon unavailable in this Triton")
+    assert ws.unsupported_reason(128, "bfloat16", (9, 0)) is None
+    assert ws.unsupported_reason(128, "float16", (9, 0)) is None
+    assert "8.9" in ws.unsupported_reason(128, "bfloat16", (8, 9))
+    assert "head_dim 96" in ws.unsupported_reason(96, "bfloat16", (9, 0))
+    assert "float32" in ws.unsupported_reason(128, "float32", (9, 0))
+
+
+def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
+    q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
+    if not CUDA:
+        assert "not on a CUDA device" in kernels.ws_forward_reason(q, k, v, True, 0.088)
+        assert "not on a CUDA device" in kernels.ws_backward_reason(q, k, v, q)
+    monkeypatch.setattr(kernels, "FWD_IMPL", "tl")
+    monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
+    assert kernels.ws_forward_reason(q, k, v, True, 0.088) == "MGQA_TRITON_FWD_IMPL=tl"
+    assert kernels.ws_backward_reason(q, k, v, q) == "MGQA_TRITON_BWD_IMPL=tl"
+
+
 # ----------------------------------------------------------------------------- GPU only
 GPU_CASES = [
     (2, 8, 2, 1000, 1000, 128, True),
@@ -449,3 +484,72 @@ def test_gpu_torch_compile_fullgraph():
     eager = torch.autograd.grad(block(q, k, v), (q, k, v))
     for a, b in zip(grads, eager):
         assert torch.allclose(a, b, atol=1e-2, rtol=1e-2)
+
+
+# (batch, heads, kv_heads, n_q, n_k, causal): one-row and odd lengths, Nq < Nk (prefill with a
+# cache), Nq > Nk under a causal mask (rows that see no key), MQA to MHA, a ragged last key block.
+WS_CASES = [
+    (1, 8, 2, 1, 7, True),
+    (1, 8, 2, 37, 37, True),
+    (2, 8, 1, 100, 300, True),
+    (1, 8, 8, 300, 100, True),
+    (1, 4, 2, 129, 129, False),
+    (1, 4, 4, 1000, 1000, False),
+    (2, 8, 2, 2048, 2048, True),
+    (1, 4, 1, 191, 4097, False),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
+def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
+    """On sm_90 the Gluon forward runs these inputs; its out and lse match the tl kernel's (lse +inf
+    on the same rows), and forward+backward through it matches the float64 reference."""
+    monkeypatch.setattr(kernels, "WS_MIN_KEYS", 1)  # short cases exercise the masks
+    monkeypatch.setattr(kernels, "WS_MIN_KEYS_CAUSAL", 1)
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
+    scale = 128 ** -0.5
+    reason = kernels.ws_forward_reason(q, k, v, causal, scale)
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert reason is not None
+        pytest.skip(f"the warp-specialised forward does not run here: {reason}")
+    assert reason is None
+    out_ws, lse_ws = kernels.attention_forward(q, k, v, causal, scale)
+    monkeypatch.setattr(kernels, "FWD_IMPL", "tl")
+    out_tl, lse_tl = kernels.attention_forward(q, k, v, causal, scale)
+    monkeypatch.setattr(kernels, "FWD_IMPL", "auto")
+    assert torch.equal(torch.isinf(lse_ws), torch.isinf(lse_tl))
+    seen = torch.isfinite(lse_tl)
+    assert torch.allclose(lse_ws[seen], lse_tl[seen], atol=1e-3, rtol=1e-4)
+    assert torch.allclose(out_ws.float(), out_tl.float(), atol=ATOL[dtype], rtol=1e-2)
+    assert torch.all(out_ws[~seen] == 0)
+    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_fwd:{dtype}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
+def test_gpu_warp_specialised_dkdv(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
+    """On sm_90 the Gluon dK/dV kernel runs these inputs; dq, dk, dv match the tl backward's, and
+    forward+backward through it matches the float64 reference."""
+    monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
+    grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
+    reason = kernels.ws_backward_reason(q, k, v, grad_out)
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert reason is not None
+        pytest.skip(f"the warp-specialised dK/dV kernel does not run here: {reason}")
+    assert reason is None
+    scale = 128 ** -0.5
+    out, lse = kernels.attention_forward(q, k, v, causal, scale)
+    ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+    monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
+    tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+    monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
+    for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b.double()) < 2e-2, name
+    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_dkdv:{dtype}")

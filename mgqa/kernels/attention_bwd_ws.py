@@ -1,0 +1,305 @@
+"""Warp-specialised dK/dV kernel for Hopper (sm_90), written in Gluon; the forward's structure
+(``attention_fwd_ws``) applied to the backward's key-block loop.
+
+One program owns ``2 * BLOCK_N`` keys of one KV head and walks every query block of every query head
+in its group (deterministic: no atomics, dK/dV summed in registers):
+
+- a one-warp *producer* loads the program's K/V tiles, then streams each step's Q and dO tiles
+  through ``STAGES`` shared-memory buffers;
+- two *consumer* warpgroups each own ``BLOCK_N`` keys. Per step (``BLOCK_M`` queries) a consumer
+  issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ together, computes Pᵀ while dPᵀ runs, issues dV += Pᵀ dO, computes
+  dSᵀ = Pᵀ (dPᵀ - delta) while that runs, issues dK += dSᵀ Q, then releases the buffers.
+
+Same contract as ``attention_bwd._attn_bwd_dkdv`` with one group split: lse in log2 units (+inf for
+rows that see no key), delta from the dQ kernel, dK scaled by ``sm_scale``, dK/dV written in the
+inputs' dtype. Rows past the end read zeros and lse = +inf, so P = 0 for them. The launch order is
+the tl kernel's sectioned one (``attention_common._key_block_program``).
+
+The launcher (``attention.attention_backward``) takes it for head_dim 128 in fp16/bf16 on sm_90 when
+there are at least two programs per SM (``unsupported_reason``, ``attention.ws_backward_reason``);
+dQ still comes from the tl dQ kernel. Gluon has no CPU interpreter: CPU CI compiles the kernel for
+sm_90 (tests/kernels/test_compile.py) and the GPU suite checks it against the tl backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+BLOCK_M = 64  # queries per step
+BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
+# (Q/dO buffers, lse/delta loaded one step ahead) per causal flag, the best of
+# bench/ws_dkdv_variants.py on an H100 (bench/NOTES.md, v12). 4 buffers: 4 x 32 KB + 64 KB of K/V.
+# Under a causal mask the look-ahead costs more registers than it saves (spills grow 284 -> 416 B).
+SETTINGS = {False: (4, True), True: (3, False)}
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+NUM_WARPS = 4
+HEAD_DIMS = (128,)
+
+
+def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int]) -> Optional[str]:
+    """None if this kernel runs the case, else why the ``tl`` dK/dV kernel is used."""
+    if capability != (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (tuned for {HEAD_DIMS})"
+    if dtype_name not in ("float16", "bfloat16"):
+        return f"dtype {dtype_name}"
+    return None
+
+
+@gluon.jit
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV,
+                  Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers.
+    TILE_M: gl.constexpr = q_smem.type.shape[2]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = q_smem.type.shape[0]
+    mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem.index(0))
+    tma.async_copy_global_to_shared(k_desc, [start_n + TILE_N, 0], kv_bar, k_smem.index(1))
+    tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem.index(0))
+    tma.async_copy_global_to_shared(v_desc, [start_n + TILE_N, 0], kv_bar, v_smem.index(1))
+    steps = gl.cdiv(n_q - lo, TILE_M)
+    for t in range(group * steps):
+        g = t // steps
+        start_m = lo + (t - g * steps) * TILE_M
+        stage = t % NSTAGES
+        # A fresh mbarrier counts as having completed the phase before its first.
+        mbarrier.wait(empty.index(stage), ((t // NSTAGES) & 1) ^ 1)
+        bar = ready.index(stage)
+        mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [head0 + g, start_m, 0], bar, q_smem.index(stage))
+        tma.async_copy_global_to_shared(do_desc, [head0 + g, start_m, 0], bar, do_smem.index(stage))
+
+
+@gluon.jit
+def _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs, TILE_M: gl.constexpr):
+    """lse and delta of step t's query rows (+inf and 0 past n_q, or if t is past the last step)."""
+    g = t // steps
+    rows = lo + (t - g * steps) * TILE_M + offs
+    ok = (rows < n_q) & (t < last)
+    base = (bh0 + g).to(gl.int64) * n_q
+    lse = gl.load(Lse + base + rows, mask=ok, other=float("inf"))
+    delta = gl.load(Delta + base + rows, mask=ok, other=0.0)
+    return lse, delta
+
+
+@gluon.jit
+def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first, last, lo, n_q, n_k,
+               key_pos, bh0, qk_scale, MASKED: gl.constexpr, PREFETCH: gl.constexpr):
+    """Steps t in [first, last) of the program's flat (head, query block) sequence."""
+    TILE_M: gl.constexpr = q_smem.type.shape[2]
+    HEAD: gl.constexpr = q_smem.type.shape[3]
+    TILE_N: gl.constexpr = k_tile.type.shape[0]
+    NSTAGES: gl.constexpr = q_smem.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE_M, 16])
+    acc_layout: gl.constexpr = dk.type.layout
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    # lse and delta of the next step are loaded one step ahead, one value per thread, and spread to
+    # the matmul layout when used, so their global-load latency hides under a step's matmuls.
+    vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    zero_s = gl.zeros([TILE_N, TILE_M], gl.float32, s_layout)
+    offs_m0 = gl.arange(0, TILE_M, layout=col_s)
+    offs_v = gl.arange(0, TILE_M, layout=vec)
+    steps = gl.cdiv(n_q - lo, TILE_M)
+    offset = n_k - n_q
+    lse_v, delta_v = _row_stats(Lse, Delta, first, last, steps, lo, n_q, bh0, offs_v, TILE_M)
+    for t in range(first, last):
+        g = t // steps
+        start_m = lo + (t - g * steps) * TILE_M
+        stage = t % NSTAGES
+        offs_m = start_m + offs_m0
+        if PREFETCH:
+            lse = gl.convert_layout(lse_v, col_s)
+            delta = gl.convert_layout(delta_v, col_s)
+            lse_v, delta_v = _row_stats(Lse, Delta, t + 1, last, steps, lo, n_q, bh0, offs_v, TILE_M)
+        else:
+            lse, delta = _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs_m0, TILE_M)
+        mbarrier.wait(ready.index(stage), (t // NSTAGES) & 1)
+        q_tile = q_smem.index(stage).reshape([TILE_M, HEAD])
+        do_tile = do_smem.index(stage).reshape([TILE_M, HEAD])
+        s_t = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v_tile, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(1, deps=(s_t,))  # Sᵀ ready; dPᵀ may still run
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = gl.where(key_pos[:, None] <= offs_m[None, :] + offset, p_t, 0.0)
+        p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+        dv = warpgroup_mma(p_op, do_tile, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # dPᵀ ready; dV += Pᵀ dO may still run
+        ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+        dk = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        mbarrier.arrive(empty.index(stage), count=1)  # one thread; the matmuls reading it are done
+    return dk, dv
+
+
+@gluon.jit
+def _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
+                 n_k, group, bh0, qk_scale, sm_scale, out_row0, WG: gl.constexpr, PREFETCH: gl.constexpr):
+    TILE_M: gl.constexpr = q_smem.type.shape[2]
+    HEAD: gl.constexpr = q_smem.type.shape[3]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE_M, 16])
+    k_tile = k_smem.index(WG)
+    v_tile = v_smem.index(WG)
+    first_key = start_n + WG * TILE_N
+    key_pos = first_key + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([TILE_N, HEAD], gl.float32, acc_layout)
+    dv = gl.zeros([TILE_N, HEAD], gl.float32, acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    steps = gl.cdiv(n_q - lo, TILE_M)
+    masked_steps = (mid - lo) // TILE_M
+    for g in range(group):
+        dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
+                            g * steps + masked_steps, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
+        dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
+                            g * steps + masked_steps, (g + 1) * steps, lo, n_q, n_k, key_pos, bh0, qk_scale, False,
+                            PREFETCH)
+    keys = first_key + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
+    offs = (out_row0 + keys).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
+    key_ok = (keys < n_k)[:, None]
+    gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+@gluon.jit
+def _bwd_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
+                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
+                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 0, True)
+
+
+@gluon.jit
+def _bwd_consumer0_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
+                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
+                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 0, False)
+
+
+@gluon.jit
+def _bwd_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
+                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
+                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 1, True)
+
+
+@gluon.jit
+def _bwd_consumer1_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
+                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
+                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 1, False)
+
+
+@gluon.jit
+def _attn_bwd_dkdv_ws(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn,
+    n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    # Launch order of attention_common._key_block_program (one group split): sections of a few
+    # (batch, KV head) chunks whose Q/dO share L2, ordered (key block, chunk) within a section, so
+    # under a causal mask the first key blocks, which see the most queries, start first across the
+    # section. With one chunk per section: (chunk, key block).
+    num_n = gl.cdiv(n_k, 2 * BLOCK_N)
+    pid = gl.program_id(0)
+    n_chunks = gl.num_programs(0) // num_n
+    section = gl.maximum(gl.minimum(gl.cdiv(SECTION_PROGRAMS, num_n), SECTION_CHUNKS), 1)
+    first = pid // (section * num_n) * section
+    within = pid - first * num_n
+    count = gl.minimum(section, n_chunks - first)
+    pid_bkv = first + within % count
+    pid_n = within // count
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    start_n = pid_n * (2 * BLOCK_N)
+    heads = kv_heads * GROUP
+    head0 = kv_head * GROUP
+    bh0 = batch * heads + head0
+
+    qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    # Q and dO: one (heads, rows, head_dim) descriptor per batch entry; the copy engine zero-fills
+    # rows past n_q within each head.
+    q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb, [heads, n_q, HEAD_DIM],
+                                        [stride_qh, stride_qn, 1], [1, BLOCK_M, HEAD_DIM], qo_layout)
+    do_desc = tma.make_tensor_descriptor(DO + batch.to(gl.int64) * stride_db, [heads, n_q, HEAD_DIM],
+                                         [stride_dh, stride_dn, 1], [1, BLOCK_M, HEAD_DIM], qo_layout)
+    k_desc = tma.make_tensor_descriptor(K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh,
+                                        [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh,
+                                        [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+
+    offset = n_k - n_q
+    if CAUSAL:
+        # Queries before lo see none of these keys; [lo, mid) straddle the diagonal (masked).
+        lo = gl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        mid = gl.minimum(gl.maximum(start_n + 2 * BLOCK_N - offset, 0), n_q)
+        mid = gl.maximum(gl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        mid = 0
+
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one release per consumer warpgroup
+
+    out_row0 = pid_bkv.to(gl.int64) * n_k
+    args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse,
+            Delta, start_n, lo, mid, n_q, n_k, head0, GROUP, bh0, qk_scale, sm_scale, out_row0)
+    # Constexprs reach the partitions only as the choice of function.
+    if PREFETCH:
+        gl.warp_specialize([(_bwd_consumer0, args), (_bwd_consumer1, args), (_bwd_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_bwd_consumer0_noprefetch, args), (_bwd_consumer1_noprefetch, args),
+                            (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
+           sections: dict) -> None:
+    """q, grad_out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
+    aligned rows; lse, delta (B, H, Nq) float32; dk, dv (B, Hkv, Nk, 128) contiguous; ``sections``
+    the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order. The caller has set Triton's
+    allocator (in-kernel descriptors need global scratch)."""
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    grid = (batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N),)
+    stages, prefetch = SETTINGS[bool(causal)]
+    _attn_bwd_dkdv_ws[grid](
+        q, k, v, grad_out, lse, delta, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
+        grad_out.stride(2), n_q, n_k, kv_heads, heads // kv_heads, qk_scale, sm_scale,
+        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"],
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, PREFETCH=prefetch, num_warps=NUM_WARPS,
+        maxnreg=MAXNREG,
+    )

@@ -1,0 +1,301 @@
+"""Warp-specialised forward kernel for Hopper (sm_90), written in Gluon, Triton's lower-level dialect.
+
+The structure FlashAttention-3 uses, which plain ``tl`` code cannot express (bench/NOTES.md, v5, v6):
+
+- a one-warp *producer* issues every TMA load: the program's two Q tiles, then K/V blocks through
+  ``STAGES`` shared-memory buffers, each refilled once both consumers have released it;
+- two *consumer* warpgroups each own ``BLOCK_M`` query rows of the program's ``2 * BLOCK_M`` and
+  share every K/V tile. Each issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back, waits for
+  S_j only, and computes block j's softmax while the P·V matmul runs;
+- registers move from the producer to the consumers (``setmaxnreg``).
+
+Same contract as ``attention_fwd._attn_fwd``: (B, H, Nq, D) queries, (B, Hkv, Nk, D) keys and
+values with any row strides, query head h reads KV head h // GROUP, bottom-right causal alignment,
+out (B, H, Nq, D) contiguous, lse in log2 units with +inf for rows that see no key. Lengths are
+arbitrary: the copy engine zero-fills rows past the end, and the last key block is masked.
+
+Only for head_dim 128 in fp16/bf16 with a positive scale (where it was measured faster; see
+``unsupported_reason``); Gluon has no CPU interpreter, so CPU CI compiles it for sm_90
+(tests/kernels/test_compile.py) and the GPU suite checks its results.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
+BLOCK_N = 128  # keys per K/V block
+STAGES = 3  # K/V buffers in flight: 3 x 64 KB + 32 KB of Q at head_dim 128
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+# Resident warps: 4 (consumer 0, the default partition) + 4 (consumer 1) + 1 producer, rounded up to
+# 12; 168 x 12 x 32 fills the 64K registers at launch, before setmaxnreg redistributes them.
+MAXNREG = 168
+NUM_WARPS = 4
+HEAD_DIMS = (128,)
+
+
+def unsupported_reason(head_dim: int, dtype_name: str, scale: float, capability: tuple[int, int]) -> Optional[str]:
+    """None if the warp-specialised forward runs this case, else why the ``tl`` kernel is used."""
+    if capability != (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (tuned for {HEAD_DIMS})"
+    if dtype_name not in ("float16", "bfloat16"):
+        return f"dtype {dtype_name}"
+    if not scale > 0:
+        return f"scale {scale} (the softmax folds a positive scale into exp2)"
+    return None
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start,
+                 n_blocks, n_q, n_k, out_row0, qk_scale):
+    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers,
+    # and each consumer variant is its own function.
+    TILE_M: gl.constexpr = q_smem.type.shape[1]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_start + TILE_M, 0], q_bar, q_smem.index(1))
+    for j in range(n_blocks):
+        stage = j % NSTAGES
+        # A fresh mbarrier counts as having completed the phase before its first, so the first
+        # NSTAGES waits pass at once.
+        mbarrier.wait(kv_empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
+        bar = kv_ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Online-softmax update for one block of raw scores s: (p, alpha, m_new, l_new), log2 units."""
+    if MASKED:
+        keep = cols[None, :] < n_k
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        s = gl.where(keep, s, float("-inf"))
+    # m_i starts at a finite -1e30, so a row with every key masked gets p = 0 instead of NaN.
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, start, stop, q_pos, n_k,
+                    qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Blocks [start, stop) after the first: S_j and P_{j-1} V_{j-1} issued together, the softmax of
+    S_j computed while P·V runs, then block j-1's buffer released to the producer."""
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE_N, 16])
+    o_layout: gl.constexpr = acc.type.layout
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
+    offs_n = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+    for j in range(start, stop):
+        stage = j % NSTAGES
+        prev = (j - 1) % NSTAGES
+        mbarrier.wait(kv_ready.index(stage), (j // NSTAGES) & 1)
+        s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s,))  # S_j ready; P_{j-1} V_{j-1} may still run
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * TILE_N + offs_n, q_pos, n_k, qk_scale, MASKED, CAUSAL)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(prev), count=1)  # one thread; the matmuls reading it are done
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p_op = gl.convert_layout(p.to(q_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                                          k_width=2))
+    return acc, m_i, l_i, p_op
+
+
+@gluon.jit
+def _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
+                qk_scale, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    TILE_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD: gl.constexpr = q_smem.type.shape[2]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_tile = q_smem.index(WG)
+    first_row = q_start + WG * TILE_M
+
+    # Key blocks this warpgroup needs (the producer streams the program's n_blocks, which the other
+    # warpgroup may need one more of), and how many of them need no mask (as attention_common._key_range).
+    offset = n_k - n_q
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(first_row + TILE_M + offset, 0), n_k)
+        hi_full = gl.minimum(gl.maximum(first_row + offset + 1, 0), n_k) // TILE_N
+    else:
+        hi = n_k
+        hi_full = n_k // TILE_N
+    n_own = gl.cdiv(hi, TILE_N)
+    q_pos = first_row + gl.arange(0, TILE_M, layout=row_s) + offset
+
+    acc = gl.zeros([TILE_M, HEAD], gl.float32, o_layout)
+    m_i = gl.full([TILE_M], -1.0e30, gl.float32, row_s)
+    l_i = gl.zeros([TILE_M], gl.float32, row_s)
+    mbarrier.wait(q_bar, 0)
+    if n_own > 0:
+        # Block 0: scores and softmax, no P·V yet (always masked: cheap, and it may be the diagonal).
+        zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
+        mbarrier.wait(kv_ready.index(0), 0)
+        s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, True, CAUSAL)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, 1,
+                                              mid, q_pos, n_k, qk_scale, False, CAUSAL)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, mid,
+                                              n_own, q_pos, n_k, qk_scale, True, CAUSAL)
+        last = (n_own - 1) % NSTAGES
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(last), count=1)
+    # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
+    # right phase) and release it.
+    for j in range(n_own, n_blocks):
+        mbarrier.wait(kv_ready.index(j % NSTAGES), (j // NSTAGES) & 1)
+        mbarrier.arrive(kv_empty.index(j % NSTAGES), count=1)
+
+    # Rows that see no key (causal with n_q > n_k) output 0 and store lse = +inf, so the
+    # backward's exp2(s - lse) is 0 for them.
+    empty = l_i == 0.0
+    lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
+    l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)
+    out = acc / l_o[:, None]
+    rows_o = first_row + gl.arange(0, TILE_M, layout=row_o)
+    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
+    ptrs = Out + (out_row0 + rows_o).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
+    gl.store(ptrs, out.to(dtype), mask=(rows_o < n_q)[:, None])
+    rows_s = first_row + gl.arange(0, TILE_M, layout=row_s)
+    gl.store(Lse + (out_row0 + rows_s).to(gl.int64), lse, mask=rows_s < n_q)
+
+
+@gluon.jit
+def _ws_consumer0(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
+                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
+    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
+                qk_scale, 0, False)
+
+
+@gluon.jit
+def _ws_consumer0_causal(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
+                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
+    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
+                qk_scale, 0, True)
+
+
+@gluon.jit
+def _ws_consumer1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
+                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
+    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
+                qk_scale, 1, False)
+
+
+@gluon.jit
+def _ws_consumer1_causal(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
+                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
+    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
+                qk_scale, 1, True)
+
+
+@gluon.jit
+def _attn_fwd_ws(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    n_q, n_k, heads, GROUP, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    # 1-D grid in the order of attention_common._query_block_program with one chunk per section:
+    # (batch, KV head) outer, then query blocks (last first under a causal mask, as they see the most
+    # keys), then the group's query heads, which share each K/V tile through L2.
+    num_m = gl.cdiv(n_q, 2 * BLOCK_M)
+    per_kv = GROUP * num_m
+    pid = gl.program_id(0)
+    pid_bkv = pid // per_kv
+    within = pid % per_kv
+    pid_m = within // GROUP
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    head = kv_head * GROUP + within % GROUP
+    q_start = pid_m * (2 * BLOCK_M)
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    # One (rows, head_dim) descriptor per head: the copy engine zero-fills rows past the end.
+    q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh,
+                                        [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM], q_layout)
+    k_desc = tma.make_tensor_descriptor(K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh,
+                                        [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh,
+                                        [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+
+    offset = n_k - n_q
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(gl.maximum(q_start + 2 * BLOCK_M + offset, 0), n_k), BLOCK_N)
+    else:
+        n_blocks = gl.cdiv(n_k, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one release per consumer warpgroup
+
+    out_row0 = (batch * heads + head).to(gl.int64) * n_q
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks,
+            n_q, n_k, out_row0, qk_scale)
+    if CAUSAL:
+        gl.warp_specialize([(_ws_consumer0_causal, args), (_ws_consumer1_causal, args), (_ws_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_ws_consumer0, args), (_ws_consumer1, args), (_ws_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def launch(q, k, v, out, lse, causal: bool, qk_scale: float) -> None:
+    """Run the kernel: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
+    aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units.
+    The caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    grid = (batch * heads * triton.cdiv(n_q, 2 * BLOCK_M),)
+    _attn_fwd_ws[grid](
+        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), n_q, n_k, heads, heads // kv_heads, qk_scale,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
