@@ -34,12 +34,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mgqa.kernels import attention as mgqa_kernels
 
 CAUSAL_ORDER = mgqa_kernels.CAUSAL_ORDER  # as set by MGQA_TRITON_CAUSAL_ORDER; mgqa_grid_order overrides it
+FWD_IMPL = mgqa_kernels.FWD_IMPL  # as set by MGQA_TRITON_FWD_IMPL; mgqa_tl_fwd overrides it
+BWD_IMPL = mgqa_kernels.BWD_IMPL  # as set by MGQA_TRITON_BWD_IMPL; mgqa_tl_bwd overrides it
 
 TOKENS = 16384
 HEADS = 32
 
 
-def shapes(quick: bool):
+def shapes(quick: bool, lengths=(1024, 4096, 8192, 16384)):
     if quick:
         yield from [
             (128, 8, 4096, True), (128, 8, 4096, False), (128, 8, 8192, True), (128, 8, 8192, False),
@@ -47,8 +49,7 @@ def shapes(quick: bool):
             (64, 8, 4096, True),
         ]
         return
-    for head_dim, kv_heads, n, causal in itertools.product((128, 64), (8, 1, 32), (1024, 4096, 8192, 16384),
-                                                           (True, False)):
+    for head_dim, kv_heads, n, causal in itertools.product((128, 64), (8, 1, 32), lengths, (True, False)):
         yield head_dim, kv_heads, n, causal
 
 
@@ -107,8 +108,18 @@ def mgqa_grid_order(q, k, v, causal):
     return mgqa_kernels.triton_attention(q, k, v, causal=causal)
 
 
+def mgqa_tl_fwd(q, k, v, causal):
+    """mgqa with the tl forward kernel where the warp-specialised Gluon one would run (the bench loop sets the flag)."""
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
+def mgqa_tl_bwd(q, k, v, causal):
+    """mgqa with the tl dK/dV kernel where the warp-specialised Gluon one would run (the bench loop sets the flag)."""
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
 IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq,
-         "mgqa_grid_order": mgqa_grid_order, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+         "mgqa_grid_order": mgqa_grid_order, "mgqa_tl_fwd": mgqa_tl_fwd, "mgqa_tl_bwd": mgqa_tl_bwd, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
          "flex": flex}
 
 
@@ -141,8 +152,10 @@ def make_inputs(head_dim, kv_heads, n, dtype):
 
 
 def set_mgqa_flags(name, deterministic):
-    """The module flags the mgqa variants differ by (TMA loads, atomic dQ, causal launch order)."""
+    """The module flags the mgqa variants differ by (TMA loads, atomic dQ, causal launch order, forward kernel)."""
     mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
+    mgqa_kernels.FWD_IMPL = "tl" if name == "mgqa_tl_fwd" else FWD_IMPL
+    mgqa_kernels.BWD_IMPL = "tl" if name == "mgqa_tl_bwd" else BWD_IMPL
     mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
     mgqa_kernels.CAUSAL_ORDER = "grid" if name == "mgqa_grid_order" else CAUSAL_ORDER
 
@@ -212,6 +225,8 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
                 row[f"{name}_{phase}_readings"] = values
     mgqa_kernels.USE_TMA = True
     mgqa_kernels.DETERMINISTIC = deterministic
+    mgqa_kernels.FWD_IMPL = FWD_IMPL
+    mgqa_kernels.BWD_IMPL = BWD_IMPL
     mgqa_kernels.CAUSAL_ORDER = CAUSAL_ORDER
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
@@ -248,6 +263,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 9-shape subset instead of the full 48")
     parser.add_argument("--only", default=None, help="keep shapes whose 'D,Hkv,N,causal' matches this regex, e.g. '^128,8,(4096|8192),'")
+    parser.add_argument("--lengths", default="1024,4096,8192,16384",
+                        help="sequence lengths of the full grid (ignored with --quick); B = 16384 // N")
     parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -262,7 +279,8 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s", repeat=args.repeat,
                 flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
-    selected = [s for s in shapes(args.quick)
+    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
+    selected = [s for s in shapes(args.quick, lengths)
                 if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
     if args.warm_workers > 0:
         start = time.time()
