@@ -146,149 +146,6 @@ def _attn_fwd_gluon(
     gl.store(ptrs, out.to(dtype))
 
 
-@gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, kv_row0,
-                 num_n, qk_scale):
-    """One warp: loads both consumers' Q tiles, then streams K/V blocks through STAGES buffers, each
-    refilled once both consumers have arrived on its `empty` barrier. (Constexprs do not cross into
-    worker partitions as such, so tile sizes are read off the shared-memory buffers.)"""
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    mbarrier.expect(q_bar, 2 * BLOCK_M * HEAD_DIM * q_desc.dtype.primitive_bitwidth // 8)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, 0], q_bar, q_smem.index(1))
-    for j in range(num_n):
-        stage = j % STAGES
-        # A fresh mbarrier counts as having completed phase 1, so the first STAGES waits pass at once.
-        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_row0 + j * BLOCK_N, stage, BLOCK_N, HEAD_DIM)
-
-
-@gluon.jit
-def _ws_consume(Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, num_n, qk_scale, WG: gl.constexpr):
-    """One warpgroup: BLOCK_M query rows against every K/V block the producer delivers, with the
-    softmax of block j under the P·V matmul of block j-1 (as in `_attn_fwd_gluon`, OVERLAP=1)."""
-    dtype: gl.constexpr = q_smem.dtype
-    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_tile = q_smem.index(WG)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(kv_ready.index(0), 0)
-    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    m_i = gl.max(s, 1) * qk_scale
-    p = gl.exp2(s * qk_scale - m_i[:, None])
-    l_i = gl.sum(p, 1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    for j in range(1, num_n):
-        stage = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(kv_ready.index(stage), (j // STAGES) & 1)
-        s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s,))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index(prev), count=1)  # one thread; the matmuls reading it are done
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-    last = (num_n - 1) % STAGES
-    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(kv_empty.index(last), count=1)
-
-    out = acc / gl.convert_layout(l_i, row_o)[:, None]
-    offs_m = q_row + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    gl.store(Out + offs_m.to(gl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(dtype))
-
-
-@gluon.jit
-def _ws_consumer0(q_desc, k_desc, v_desc, Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, kv_row0,
-                  num_n, qk_scale):
-    _ws_consume(Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, num_n, qk_scale, 0)
-
-
-@gluon.jit
-def _ws_consumer1(q_desc, k_desc, v_desc, Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, kv_row0,
-                  num_n, qk_scale):
-    _ws_consume(Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, num_n, qk_scale, 1)
-
-
-@gluon.jit
-def _attn_fwd_gluon_ws(
-    Q, K, V, Out, n_ctx, heads, GROUP, qk_scale,
-    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
-):
-    """Warp-specialised forward, as FlashAttention-3 arranges it: a one-warp producer issues every
-    TMA load; two consumer warpgroups (the default partition and a worker) each own BLOCK_M query
-    rows of the program's 2*BLOCK_M and share every K/V tile in shared memory, so K/V bytes per
-    FLOP halve at BLOCK_M=128. The warpgroups run independently, so one's softmax can fill the
-    other's matmul time; register budgets are moved to the consumers (setmaxnreg)."""
-    dtype: gl.constexpr = Q.dtype.element_ty
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    kv_bh = batch * (heads // GROUP) + head // GROUP
-    num_n = n_ctx // BLOCK_N
-
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q, [gl.num_programs(1) * n_ctx, HEAD_DIM], [HEAD_DIM, 1],
-                                        [BLOCK_M, HEAD_DIM], q_layout)
-    kv_rows = gl.num_programs(1) // GROUP * n_ctx
-    k_desc = tma.make_tensor_descriptor(K, [kv_rows, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V, [kv_rows, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
-
-    q_row = pid_bh * n_ctx + pid_m * (2 * BLOCK_M)
-    kv_row0 = kv_bh * n_ctx
-    args = (q_desc, k_desc, v_desc, Out, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, q_row, kv_row0, num_n,
-            qk_scale)
-    gl.warp_specialize([(_ws_consumer0, args), (_ws_consumer1, args), (_ws_producer, args)],
-                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-# Warp-specialised variants: (BLOCK_M per consumer warpgroup, BLOCK_N, STAGES, consumer registers,
-# producer registers, maxnreg at launch). 12 warps are resident (the producer's warpgroup counts
-# whole), so maxnreg 168 fills the 64K registers; setmaxnreg then moves them to the consumers.
-# (2 x 128 x 64 was measured too, and dropped: at 240 registers its consumers spill and ptxas
-# serialises their matmuls; bench/NOTES.md, v11.)
-WS_VARIANTS = {
-    "ws_2x64x128_s2": (64, 128, 2, 240, 24, 168),
-    "ws_2x64x128_s3": (64, 128, 3, 240, 24, 168),
-}
-
-
 # name: (BLOCK_M, BLOCK_N, STAGES, OVERLAP, warps)
 VARIANTS = {
     "overlap_128x64_w4": (128, 64, 2, 1, 4),
@@ -313,10 +170,6 @@ def compile_only(ptx_dir: Path | None, head_dim: int) -> int:
         constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "OVERLAP": overlap,
                       "num_warps": warps}
         builds.append((name, _attn_fwd_gluon, constexprs, {"num_warps": warps}))
-    for name, (bm, bn, stages, consumer_regs, producer_regs, maxnreg) in WS_VARIANTS.items():
-        constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages,
-                      "CONSUMER_REGS": consumer_regs, "PRODUCER_REGS": producer_regs, "num_warps": 4}
-        builds.append((name, _attn_fwd_gluon_ws, constexprs, {"num_warps": 4, "maxnreg": maxnreg}))
     for name, fn, constexprs, options in builds:
         signature = dict(base, **{key: "constexpr" for key in constexprs})
         try:
@@ -353,16 +206,6 @@ def gluon_forward(q, k, v, variant: str):
     batch, heads, n, head_dim = q.shape
     out = torch.empty_like(q)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    if variant in WS_VARIANTS:
-        bm, bn, stages, consumer_regs, producer_regs, maxnreg = WS_VARIANTS[variant]
-        if n % (2 * bm) or n % bn:
-            raise ValueError(f"length {n} must be a multiple of {2 * bm} and {bn}")
-        _attn_fwd_gluon_ws[(n // (2 * bm), batch * heads)](
-            q, k, v, out, n, heads, heads // k.shape[1], 1.0 / math.sqrt(head_dim) * math.log2(math.e),
-            HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=consumer_regs,
-            PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg,
-        )
-        return out
     bm, bn, stages, overlap, warps = VARIANTS[variant]
     if n % bm or n % bn or n // bn < stages:
         raise ValueError(f"length {n} must be a multiple of {bm} and {bn}")
@@ -370,6 +213,18 @@ def gluon_forward(q, k, v, variant: str):
         q, k, v, out, n, heads, heads // k.shape[1], 1.0 / math.sqrt(head_dim) * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, OVERLAP=overlap, num_warps=warps,
     )
+    return out
+
+
+def warp_specialised_forward(q, k, v):
+    import torch
+
+    from mgqa.kernels import attention_fwd_ws
+
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    attention_fwd_ws.launch(q, k, v, out, lse, False, 1.0 / math.sqrt(q.shape[-1]) * math.log2(math.e))
     return out
 
 
@@ -395,8 +250,10 @@ def bench_gpu(json_path: str) -> None:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         impls = {"mgqa_triton": lambda: mgqa_kernels.triton_attention(q, k, v, causal=False)}
-        for name in [*VARIANTS, *WS_VARIANTS]:
+        for name in VARIANTS:
             impls[f"gluon_{name}"] = (lambda name=name: gluon_forward(q, k, v, name))
+        # What v11 grew out of this experiment: the warp-specialised forward mgqa runs on sm_90.
+        impls["mgqa_gluon_ws"] = lambda: warp_specialised_forward(q, k, v)
 
         def flash():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -17,26 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mgqa.ops import attention  # noqa: E402
+from bench.attention import mgqa, sdpa  # noqa: E402
 
 TOKENS = 16384
 HEADS = 32
-
-
-def sdpa(backend):
-    def run(q, k, v, causal):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    return run
-
-
-def mgqa(q, k, v, causal):
-    return attention(q, k, v, causal=causal, backend="triton")
 
 
 def gluon(variant):
