@@ -30,6 +30,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from mgqa.kernels.gluon_common import register_operand_layout, wgmma_layout
+
 BLOCK_M = 64  # queries per step
 BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
 # (Q/dO buffers, lse/delta loaded one step ahead) per causal flag, the best of
@@ -100,10 +102,9 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
     TILE_N: gl.constexpr = k_tile.type.shape[0]
     NSTAGES: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE_M, 16])
+    s_layout: gl.constexpr = wgmma_layout(TILE_M)
     acc_layout: gl.constexpr = dk.type.layout
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    op_layout: gl.constexpr = register_operand_layout(acc_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     # lse and delta of the next step are loaded one step ahead, one value per thread, and spread to
     # the matmul layout when used, so their global-load latency hides under a step's matmuls.
@@ -150,10 +151,8 @@ def _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, 
     TILE_M: gl.constexpr = q_smem.type.shape[2]
     HEAD: gl.constexpr = q_smem.type.shape[3]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD, 16])
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE_M, 16])
+    acc_layout: gl.constexpr = wgmma_layout(HEAD)
+    s_layout: gl.constexpr = wgmma_layout(TILE_M)
     k_tile = k_smem.index(WG)
     v_tile = v_smem.index(WG)
     first_key = start_n + WG * TILE_N

@@ -28,6 +28,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from mgqa.kernels.gluon_common import register_operand_layout, wgmma_layout
+
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
 BLOCK_N = 128  # keys per K/V block
 STAGES = 3  # K/V buffers in flight: 3 x 64 KB + 32 KB of Q at head_dim 128
@@ -98,8 +100,7 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
     S_j computed while P·V runs, then block j-1's buffer released to the producer."""
     TILE_N: gl.constexpr = k_smem.type.shape[1]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE_N, 16])
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
     o_layout: gl.constexpr = acc.type.layout
     TILE_M: gl.constexpr = q_tile.type.shape[0]
     zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
@@ -115,8 +116,7 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(prev), count=1)  # one thread; the matmuls reading it are done
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p_op = gl.convert_layout(p.to(q_tile.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout,
-                                                                          k_width=2))
+        p_op = gl.convert_layout(p.to(q_tile.dtype), register_operand_layout(o_layout))
     return acc, m_i, l_i, p_op
 
 
@@ -128,11 +128,9 @@ def _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_s
     TILE_N: gl.constexpr = k_smem.type.shape[1]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
+    o_layout: gl.constexpr = wgmma_layout(HEAD)
+    p_layout: gl.constexpr = register_operand_layout(o_layout)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     q_tile = q_smem.index(WG)
