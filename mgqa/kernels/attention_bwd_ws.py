@@ -30,7 +30,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from mgqa.kernels.gluon_common import register_operand_layout, wgmma_layout
+from mgqa.kernels.gluon_common import kv_descriptors, register_operand_layout, wgmma_layout
 
 BLOCK_M = 64  # queries per step
 BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
@@ -237,17 +237,14 @@ def _attn_bwd_dkdv_ws(
     bh0 = batch * heads + head0
 
     qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     # Q and dO: one (heads, rows, head_dim) descriptor per batch entry; the copy engine zero-fills
     # rows past n_q within each head.
     q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb, [heads, n_q, HEAD_DIM],
                                         [stride_qh, stride_qn, 1], [1, BLOCK_M, HEAD_DIM], qo_layout)
     do_desc = tma.make_tensor_descriptor(DO + batch.to(gl.int64) * stride_db, [heads, n_q, HEAD_DIM],
                                          [stride_dh, stride_dn, 1], [1, BLOCK_M, HEAD_DIM], qo_layout)
-    k_desc = tma.make_tensor_descriptor(K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh,
-                                        [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh,
-                                        [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                                    stride_vn, n_k, BLOCK_N, HEAD_DIM)
 
     offset = n_k - n_q
     if CAUSAL:
@@ -261,8 +258,8 @@ def _attn_bwd_dkdv_ws(
 
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -28,7 +28,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from mgqa.kernels.gluon_common import register_operand_layout, wgmma_layout
+from mgqa.kernels.gluon_common import kv_descriptors, register_operand_layout, wgmma_layout
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
 BLOCK_N = 128  # keys per K/V block
@@ -247,14 +247,11 @@ def _attn_fwd_ws(
     q_start = pid_m * (2 * BLOCK_M)
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     # One (rows, head_dim) descriptor per head: the copy engine zero-fills rows past the end.
     q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh,
                                         [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM], q_layout)
-    k_desc = tma.make_tensor_descriptor(K + batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh,
-                                        [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh,
-                                        [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                                    stride_vn, n_k, BLOCK_N, HEAD_DIM)
 
     offset = n_k - n_q
     if CAUSAL:
@@ -263,8 +260,8 @@ def _attn_fwd_ws(
         n_blocks = gl.cdiv(n_k, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
