@@ -36,6 +36,7 @@ from mgqa.kernels import attention as mgqa_kernels
 CAUSAL_ORDER = mgqa_kernels.CAUSAL_ORDER  # as set by MGQA_TRITON_CAUSAL_ORDER; mgqa_grid_order overrides it
 FWD_IMPL = mgqa_kernels.FWD_IMPL  # as set by MGQA_TRITON_FWD_IMPL; mgqa_tl_fwd overrides it
 BWD_IMPL = mgqa_kernels.BWD_IMPL  # as set by MGQA_TRITON_BWD_IMPL; mgqa_tl_bwd overrides it
+DQ_IMPL = mgqa_kernels.DQ_IMPL  # as set by MGQA_TRITON_DQ_IMPL; mgqa_ws_dq overrides it
 
 TOKENS = 16384
 HEADS = 32
@@ -118,7 +119,12 @@ def mgqa_tl_bwd(q, k, v, causal):
     return mgqa_kernels.triton_attention(q, k, v, causal=causal)
 
 
-IMPLS = {"mgqa": mgqa, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq,
+def mgqa_ws_dq(q, k, v, causal):
+    """mgqa with the warp-specialised Gluon dQ kernel, off by default until measured (the bench loop sets the flag)."""
+    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+
+
+IMPLS = {"mgqa": mgqa, "mgqa_ws_dq": mgqa_ws_dq, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq,
          "mgqa_grid_order": mgqa_grid_order, "mgqa_tl_fwd": mgqa_tl_fwd, "mgqa_tl_bwd": mgqa_tl_bwd, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
          "flex": flex}
 
@@ -156,6 +162,7 @@ def set_mgqa_flags(name, deterministic):
     mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
     mgqa_kernels.FWD_IMPL = "tl" if name == "mgqa_tl_fwd" else FWD_IMPL
     mgqa_kernels.BWD_IMPL = "tl" if name == "mgqa_tl_bwd" else BWD_IMPL
+    mgqa_kernels.DQ_IMPL = "auto" if name == "mgqa_ws_dq" else DQ_IMPL
     mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
     mgqa_kernels.CAUSAL_ORDER = "grid" if name == "mgqa_grid_order" else CAUSAL_ORDER
 
@@ -227,6 +234,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
     mgqa_kernels.DETERMINISTIC = deterministic
     mgqa_kernels.FWD_IMPL = FWD_IMPL
     mgqa_kernels.BWD_IMPL = BWD_IMPL
+    mgqa_kernels.DQ_IMPL = DQ_IMPL
     mgqa_kernels.CAUSAL_ORDER = CAUSAL_ORDER
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]

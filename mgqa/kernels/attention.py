@@ -148,6 +148,11 @@ if FWD_IMPL not in ("auto", "tl"):
 BWD_IMPL = os.environ.get("MGQA_TRITON_BWD_IMPL", "auto")
 if BWD_IMPL not in ("auto", "tl"):
     raise ValueError(f"MGQA_TRITON_BWD_IMPL={BWD_IMPL!r}: expected auto or tl")
+# dQ kernel of the deterministic backward: "tl" (default); "auto" takes the warp-specialised Gluon dQ
+# kernel (attention_dq_ws) where it applies. Off by default until it has been measured on a GPU.
+DQ_IMPL = os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
+if DQ_IMPL not in ("auto", "tl"):
+    raise ValueError(f"MGQA_TRITON_DQ_IMPL={DQ_IMPL!r}: expected auto or tl")
 _gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
 # Below this many keys the tl forward runs (bench/NOTES.md, v11): with few key blocks per program the
 # Gluon kernel's set-up (one 229 KB program per SM) costs more than its overlap gains. Measured on
@@ -194,6 +199,15 @@ def ws_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     min_keys = WS_MIN_KEYS_CAUSAL if causal else WS_MIN_KEYS
     if reason is None and k.shape[2] < min_keys:
         reason = f"{k.shape[2]} keys (the tl kernel is faster below {min_keys}{' with a causal mask' if causal else ''})"
+    return reason
+
+
+def ws_dq_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
+    """None if the deterministic backward's dQ runs the warp-specialised Gluon kernel, else why not."""
+    module, reason = _gluon_common_reason("MGQA_TRITON_DQ_IMPL", DQ_IMPL, "attention_dq_ws", q, k, v, grad_out)
+    if reason is None:
+        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
+                                           torch.cuda.get_device_capability(q.device))
     return reason
 
 
@@ -323,6 +337,8 @@ def attention_backward(
             out, grad_out, delta, *_strides3(out), *_strides3(grad_out), n_q, heads,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
         )
+    elif ws_dq_reason(q, k, v, grad_out) is None:
+        _gluon_module("attention_dq_ws").launch(q, k, v, grad_out, out, lse, delta, dq, causal, qk_scale, scale)
     else:
         # The dQ kernel runs first: each of its programs owns a block of query rows, so it also
         # computes those rows' delta (sum_d O dO) for the dK/dV kernel, instead of a separate pass.

@@ -10,7 +10,7 @@ shared memory, the Hopper matrix instructions (``wgmma``), the bulk tensor copie
 Triton's ptxas is installed, the bytes of register spills and whether ptxas serialised the
 ``wgmma`` instructions. Exit status 1 if a variant fails to compile, if for sm_90 one uses no
 wgmma, if a warp-specialised kernel has its matrix instructions serialised, or if the
-warp-specialised forward spills.
+warp-specialised forward or dQ kernel spills.
 Needs Triton's NVIDIA backend (bundled with the Linux wheels) and must run with
 ``TRITON_INTERPRET`` unset.
 """
@@ -76,12 +76,13 @@ def variants():
 
 
 def ws_variants():
-    """The warp-specialised Gluon kernels (sm_90 only), forward and dK/dV, causal and not, as their
-    ``launch`` functions run them."""
-    from mgqa.kernels import attention_bwd_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
+    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV and dQ, causal and not, as
+    their ``launch`` functions run them."""
+    from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
 
     for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
-                        ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws)):
+                        ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
+                        ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
         for causal in (0, 1):
             constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
                           "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.split()[0].endswith("ws") and serialised == "yes":
             failed += 1
             name += " (serialised)"
-        if name.startswith("fwdws") and spills not in ("0", "-"):
+        if name.startswith(("fwdws", "dqws")) and spills not in ("0", "-"):
             failed += 1
             name += " (spills)"
         print(f"{name:24s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")

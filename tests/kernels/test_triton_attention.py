@@ -147,6 +147,7 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
     ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
     ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto or tl"),
     ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto or tl"),
+    ("MGQA_TRITON_DQ_IMPL", "on", "expected auto or tl"),
 ])
 def test_bad_kernel_setting_names_the_value(variable, value, expected):
     env = {**os.environ, variable: value}
@@ -391,6 +392,21 @@ def test_warp_specialised_dkdv_applies_only_where_measured():
     assert "float32" in ws.unsupported_reason(128, "float32", (9, 0))
 
 
+def test_warp_specialised_dq_applies_only_where_written_for():
+    ws = pytest.importorskip("mgqa.kernels.attention_dq_ws", reason="Gluon unavailable in this Triton")
+    assert ws.unsupported_reason(128, "float16", (9, 0)) is None
+    assert "8.0" in ws.unsupported_reason(128, "bfloat16", (8, 0))
+    assert "head_dim 64" in ws.unsupported_reason(64, "bfloat16", (9, 0))
+    assert "float32" in ws.unsupported_reason(128, "float32", (9, 0))
+
+
+def test_gluon_dq_is_off_unless_asked_for():
+    q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
+    assert kernels.DQ_IMPL == os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
+    if "MGQA_TRITON_DQ_IMPL" not in os.environ:
+        assert kernels.ws_dq_reason(q, k, v, q) == "MGQA_TRITON_DQ_IMPL=tl"
+
+
 def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
     q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
     if not CUDA:
@@ -553,3 +569,31 @@ def test_gpu_warp_specialised_dkdv(monkeypatch, batch, heads, kv_heads, n_q, n_k
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b.double()) < 2e-2, name
     check_against_reference(q, k, v, causal, scale=scale, label=f"ws_dkdv:{dtype}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
+def test_gpu_warp_specialised_dq(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
+    """With MGQA_TRITON_DQ_IMPL=auto on sm_90 the Gluon dQ kernel runs these inputs (it also writes
+    delta for the dK/dV kernel); dq, dk, dv match the tl backward's, and forward+backward through
+    it matches the float64 reference."""
+    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
+    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
+    grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
+    reason = kernels.ws_dq_reason(q, k, v, grad_out)
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert reason is not None
+        pytest.skip(f"the warp-specialised dQ kernel does not run here: {reason}")
+    assert reason is None
+    scale = 128 ** -0.5
+    out, lse = kernels.attention_forward(q, k, v, causal, scale)
+    ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+    monkeypatch.setattr(kernels, "DQ_IMPL", "tl")
+    tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
+    for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b.double()) < 2e-2, name
+    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_dq:{dtype}")

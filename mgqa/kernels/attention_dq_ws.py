@@ -1,0 +1,270 @@
+"""Warp-specialised dQ kernel for Hopper (sm_90), written in Gluon: the forward's structure
+(``attention_fwd_ws``) applied to the backward's query-block loop. Not yet measured on a GPU, so
+off by default: ``MGQA_TRITON_DQ_IMPL=ws`` selects it (bench/NOTES.md, v13).
+
+One program owns ``2 * BLOCK_M`` query rows of one query head:
+
+- a one-warp *producer* loads both consumers' Q and dO tiles, then streams K/V blocks through
+  ``STAGES`` shared-memory buffers;
+- two *consumer* warpgroups each own ``BLOCK_M`` rows. A consumer first computes its rows' delta
+  (sum_d O dO, stored for the dK/dV kernel), then per key block issues S = Q Kᵀ and dP = dO Vᵀ
+  together, computes P while dP runs, then dS and dQ += dS K, and releases the buffer.
+
+Same contract as ``attention_bwd._attn_bwd_dq``: lse in log2 units (+inf for rows that see no key),
+dQ scaled by ``sm_scale`` and written in the inputs' dtype, delta written as float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from mgqa.kernels.gluon_common import kv_descriptors, register_operand_layout, wgmma_layout
+
+BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
+BLOCK_N = 64  # keys per K/V block
+STAGES = 4  # K/V buffers: 4 x 32 KB, plus 64 KB of Q and dO, at head_dim 128
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+NUM_WARPS = 4
+HEAD_DIMS = (128,)
+
+
+def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int]) -> Optional[str]:
+    """None if this kernel runs the case, else why the ``tl`` dQ kernel is used."""
+    if capability != (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (written for {HEAD_DIMS})"
+    if dtype_name not in ("float16", "bfloat16"):
+        return f"dtype {dtype_name}"
+    return None
+
+
+@gluon.jit
+def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
+                 O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
+    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers.
+    TILE_M: gl.constexpr = q_smem.type.shape[1]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    mbarrier.expect(qd_bar, 4 * q_desc.block_type.nbytes)
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_start + c * TILE_M, 0], qd_bar, q_smem.index(c))
+        tma.async_copy_global_to_shared(do_desc, [q_start + c * TILE_M, 0], qd_bar, do_smem.index(c))
+    for j in range(n_blocks):
+        stage = j % NSTAGES
+        # A fresh mbarrier counts as having completed the phase before its first.
+        mbarrier.wait(kv_empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
+        bar = kv_ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, start, stop, q_pos, n_k,
+               qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Key blocks [start, stop): S and dP issued together, P computed while dP runs, then dS and
+    dQ += dS K, and the block's buffer released to the producer."""
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
+    op_layout: gl.constexpr = register_operand_layout(dq.type.layout)
+    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
+    offs_n = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+    for j in range(start, stop):
+        stage = j % NSTAGES
+        mbarrier.wait(kv_ready.index(stage), (j // NSTAGES) & 1)
+        s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_tile, v_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s,))  # S ready; dP may still run
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            cols = j * TILE_N + offs_n
+            keep = cols[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            p = gl.where(keep, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = gl.convert_layout((p * (dp - delta[:, None])).to(q_tile.dtype), op_layout)
+        dq = warpgroup_mma(ds, k_smem.index(stage), dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq,))
+        mbarrier.arrive(kv_empty.index(stage), count=1)  # one thread; the matmuls reading it are done
+    return dq
+
+
+@gluon.jit
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
+                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    TILE_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD: gl.constexpr = q_smem.type.shape[2]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
+    acc_layout: gl.constexpr = wgmma_layout(HEAD)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    first_row = q_start + WG * TILE_M
+
+    # This warpgroup's rows: lse, and delta = sum_d O dO (stored for the dK/dV kernel).
+    rows = first_row + gl.arange(0, TILE_M, layout=row_s)
+    lse = gl.load(Lse + row0 + rows, mask=rows < n_q, other=float("inf"))
+    rows_t = first_row + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, tile))
+    cols_t = gl.arange(0, HEAD, layout=gl.SliceLayout(0, tile))
+    o = gl.load(O + rows_t.to(gl.int64)[:, None] * stride_on + cols_t[None, :], mask=(rows_t < n_q)[:, None],
+                other=0.0)
+    mbarrier.wait(qd_bar, 0)
+    q_tile = q_smem.index(WG)
+    do_tile = do_smem.index(WG)
+    delta_t = gl.sum(o.to(gl.float32) * do_tile.load(tile).to(gl.float32), 1)
+    gl.store(Delta + row0 + rows_t, delta_t, mask=rows_t < n_q)
+    delta = gl.convert_layout(delta_t, row_s)
+
+    offset = n_k - n_q
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(first_row + TILE_M + offset, 0), n_k)
+        hi_full = gl.minimum(gl.maximum(first_row + offset + 1, 0), n_k) // TILE_N
+    else:
+        hi = n_k
+        hi_full = n_k // TILE_N
+    n_own = gl.cdiv(hi, TILE_N)
+    mid = gl.minimum(hi_full, n_own)
+    q_pos = rows + offset
+    dq = gl.zeros([TILE_M, HEAD], gl.float32, acc_layout)
+    dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, 0, mid, q_pos, n_k,
+                    qk_scale, False, CAUSAL)
+    dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, mid, n_own, q_pos, n_k,
+                    qk_scale, True, CAUSAL)
+    # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
+    # right phase) and release it.
+    for j in range(n_own, n_blocks):
+        mbarrier.wait(kv_ready.index(j % NSTAGES), (j // NSTAGES) & 1)
+        mbarrier.arrive(kv_empty.index(j % NSTAGES), count=1)
+
+    rows_o = first_row + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
+    gl.store(DQ + (row0 + rows_o).to(gl.int64)[:, None] * HEAD + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows_o < n_q)[:, None])
+
+
+@gluon.jit
+def _dq_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
+                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
+                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 0, False)
+
+
+@gluon.jit
+def _dq_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
+                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
+                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 1, False)
+
+
+@gluon.jit
+def _dq_consumer0_causal(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready,
+                         kv_empty, O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale,
+                         sm_scale):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
+                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 0, True)
+
+
+@gluon.jit
+def _dq_consumer1_causal(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready,
+                         kv_empty, O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale,
+                         sm_scale):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
+                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 1, True)
+
+
+@gluon.jit
+def _attn_bwd_dq_ws(
+    Q, K, V, DO, Out, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn,
+    stride_ob, stride_oh, stride_on,
+    n_q, n_k, heads, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    # The forward's program order (attention_fwd_ws): (batch, KV head) outer, then query blocks (last
+    # first under a causal mask), then the group's query heads, which share each K/V tile through L2.
+    num_m = gl.cdiv(n_q, 2 * BLOCK_M)
+    per_kv = GROUP * num_m
+    pid = gl.program_id(0)
+    pid_bkv = pid // per_kv
+    within = pid % per_kv
+    pid_m = within // GROUP
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    batch = pid_bkv // kv_heads
+    kv_head = pid_bkv % kv_heads
+    head = kv_head * GROUP + within % GROUP
+    q_start = pid_m * (2 * BLOCK_M)
+
+    qd_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh,
+                                        [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM], qd_layout)
+    do_desc = tma.make_tensor_descriptor(DO + batch.to(gl.int64) * stride_db + head.to(gl.int64) * stride_dh,
+                                         [n_q, HEAD_DIM], [stride_dn, 1], [BLOCK_M, HEAD_DIM], qd_layout)
+    k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                                    stride_vn, n_k, BLOCK_N, HEAD_DIM)
+
+    offset = n_k - n_q
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(gl.maximum(q_start + 2 * BLOCK_M + offset, 0), n_k), BLOCK_N)
+    else:
+        n_blocks = gl.cdiv(n_k, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], qd_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], qd_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qd_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one release per consumer warpgroup
+
+    row0 = (batch * heads + head).to(gl.int64) * n_q
+    o_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+    args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, o_base,
+            stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale)
+    # Constexprs reach the partitions only as the choice of function.
+    if CAUSAL:
+        gl.warp_specialize([(_dq_consumer0_causal, args), (_dq_consumer1_causal, args), (_dq_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_dq_consumer0, args), (_dq_consumer1, args), (_dq_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def launch(q, k, v, grad_out, out, lse, delta, dq, causal: bool, qk_scale: float, sm_scale: float) -> None:
+    """q, grad_out, out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
+    aligned rows; lse (B, H, Nq) float32; delta (B, H, Nq) float32 and dq (B, H, Nq, 128), both
+    contiguous, are written. The caller has set Triton's allocator (in-kernel descriptors need
+    global scratch)."""
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    grid = (batch * heads * triton.cdiv(n_q, 2 * BLOCK_M),)
+    _attn_bwd_dq_ws[grid](
+        q, k, v, grad_out, out, lse, delta, dq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
+        grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2), n_q, n_k, heads, heads // kv_heads,
+        qk_scale, sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
