@@ -165,8 +165,19 @@ WS_MIN_KEYS_CAUSAL = 4096
 WS_BWD_MIN_PROGRAMS_PER_SM = 2
 
 
+GLUON_MIN_TRITON = (3, 6)  # the Gluon API these kernels are written against (run on 3.6, compiled on 3.8)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = (triton.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def _gluon_module(name: str):
     """mgqa.kernels.<name> (a Gluon kernel module), or a string saying why it cannot be imported."""
+    if name not in _gluon_modules and _triton_version() < GLUON_MIN_TRITON:
+        _gluon_modules[name] = (f"triton {triton.__version__} is older than the Gluon API these kernels use "
+                                f"({'.'.join(map(str, GLUON_MIN_TRITON))})")
     if name not in _gluon_modules:
         try:
             _gluon_modules[name] = importlib.import_module(f"mgqa.kernels.{name}")

@@ -400,6 +400,14 @@ def test_warp_specialised_dq_applies_only_where_written_for():
     assert "float32" in ws.unsupported_reason(128, "float32", (9, 0))
 
 
+def test_older_triton_falls_back_to_the_tl_kernels_with_the_reason(monkeypatch):
+    monkeypatch.setattr(kernels, "_gluon_modules", {})
+    monkeypatch.setattr(kernels.triton, "__version__", "3.4.0")
+    assert kernels._triton_version() == (3, 4)
+    reason = kernels._gluon_module("attention_fwd_ws")
+    assert isinstance(reason, str) and "triton 3.4.0" in reason and "3.6" in reason
+
+
 def test_gluon_dq_is_off_unless_asked_for():
     q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
     assert kernels.DQ_IMPL == os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
