@@ -30,7 +30,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from mgqa.kernels.gluon_common import kv_descriptors, register_operand_layout, wgmma_layout
+from mgqa.kernels import gluon_common
+from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
+from mgqa.kernels.gluon_common import buffer_barriers, kv_descriptors, register_operand_layout, wgmma_layout
 
 BLOCK_M = 64  # queries per step
 BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
@@ -38,22 +40,12 @@ BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
 # bench/ws_dkdv_variants.py on an H100 (bench/NOTES.md, v12). 4 buffers: 4 x 32 KB + 64 KB of K/V.
 # Under a causal mask the look-ahead costs more registers than it saves (spills grow 284 -> 416 B).
 SETTINGS = {False: (4, True), True: (3, False)}
-CONSUMER_REGS = 240
-PRODUCER_REGS = 24
-MAXNREG = 168
-NUM_WARPS = 4
 HEAD_DIMS = (128,)
 
 
 def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int]) -> Optional[str]:
     """None if this kernel runs the case, else why the ``tl`` dK/dV kernel is used."""
-    if capability != (9, 0):
-        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} (tuned for {HEAD_DIMS})"
-    if dtype_name not in ("float16", "bfloat16"):
-        return f"dtype {dtype_name}"
-    return None
+    return gluon_common.unsupported_reason(head_dim, dtype_name, capability, HEAD_DIMS)
 
 
 @gluon.jit
@@ -261,12 +253,8 @@ def _attn_bwd_dkdv_ws(
     k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one release per consumer warpgroup
+    ready, empty = buffer_barriers(STAGES)
 
     out_row0 = pid_bkv.to(gl.int64) * n_k
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse,

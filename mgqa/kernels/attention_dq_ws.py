@@ -23,27 +23,22 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from mgqa.kernels.gluon_common import kv_descriptors, register_operand_layout, wgmma_layout
+from mgqa.kernels import gluon_common
+from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
+from mgqa.kernels.gluon_common import (
+    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program,
+    register_operand_layout, wgmma_layout,
+)
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
 BLOCK_N = 64  # keys per K/V block
 STAGES = 4  # K/V buffers: 4 x 32 KB, plus 64 KB of Q and dO, at head_dim 128
-CONSUMER_REGS = 240
-PRODUCER_REGS = 24
-MAXNREG = 168
-NUM_WARPS = 4
 HEAD_DIMS = (128,)
 
 
 def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int]) -> Optional[str]:
     """None if this kernel runs the case, else why the ``tl`` dQ kernel is used."""
-    if capability != (9, 0):
-        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} (written for {HEAD_DIMS})"
-    if dtype_name not in ("float16", "bfloat16"):
-        return f"dtype {dtype_name}"
-    return None
+    return gluon_common.unsupported_reason(head_dim, dtype_name, capability, HEAD_DIMS)
 
 
 @gluon.jit
@@ -127,16 +122,9 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, 
     gl.store(Delta + row0 + rows_t, delta_t, mask=rows_t < n_q)
     delta = gl.convert_layout(delta_t, row_s)
 
-    offset = n_k - n_q
-    if CAUSAL:
-        hi = gl.minimum(gl.maximum(first_row + TILE_M + offset, 0), n_k)
-        hi_full = gl.minimum(gl.maximum(first_row + offset + 1, 0), n_k) // TILE_N
-    else:
-        hi = n_k
-        hi_full = n_k // TILE_N
-    n_own = gl.cdiv(hi, TILE_N)
+    hi_full, n_own = key_blocks(first_row, TILE_M, n_q, n_k, TILE_N, CAUSAL)
     mid = gl.minimum(hi_full, n_own)
-    q_pos = rows + offset
+    q_pos = rows + (n_k - n_q)
     dq = gl.zeros([TILE_M, HEAD], gl.float32, acc_layout)
     dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, 0, mid, q_pos, n_k,
                     qk_scale, False, CAUSAL)
@@ -197,47 +185,22 @@ def _attn_bwd_dq_ws(
     CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
-    # The forward's program order (attention_fwd_ws): (batch, KV head) outer, then query blocks (last
-    # first under a causal mask), then the group's query heads, which share each K/V tile through L2.
-    num_m = gl.cdiv(n_q, 2 * BLOCK_M)
-    per_kv = GROUP * num_m
-    pid = gl.program_id(0)
-    pid_bkv = pid // per_kv
-    within = pid % per_kv
-    pid_m = within // GROUP
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    kv_heads = heads // GROUP
-    batch = pid_bkv // kv_heads
-    kv_head = pid_bkv % kv_heads
-    head = kv_head * GROUP + within % GROUP
-    q_start = pid_m * (2 * BLOCK_M)
+    batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL)
 
-    qd_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh,
-                                        [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM], qd_layout)
-    do_desc = tma.make_tensor_descriptor(DO + batch.to(gl.int64) * stride_db + head.to(gl.int64) * stride_dh,
-                                         [n_q, HEAD_DIM], [stride_dn, 1], [BLOCK_M, HEAD_DIM], qd_layout)
+    q_desc = head_rows_descriptor(Q, batch, head, stride_qb, stride_qh, stride_qn, n_q, BLOCK_M, HEAD_DIM)
+    do_desc = head_rows_descriptor(DO, batch, head, stride_db, stride_dh, stride_dn, n_q, BLOCK_M, HEAD_DIM)
     k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                                     stride_vn, n_k, BLOCK_N, HEAD_DIM)
 
-    offset = n_k - n_q
-    if CAUSAL:
-        n_blocks = gl.cdiv(gl.minimum(gl.maximum(q_start + 2 * BLOCK_M + offset, 0), n_k), BLOCK_N)
-    else:
-        n_blocks = gl.cdiv(n_k, BLOCK_N)
+    _, n_blocks = key_blocks(q_start, 2 * BLOCK_M, n_q, n_k, BLOCK_N, CAUSAL)  # what both warpgroups need
 
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], qd_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], qd_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(qd_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # one release per consumer warpgroup
+    kv_ready, kv_empty = buffer_barriers(STAGES)
 
     row0 = (batch * heads + head).to(gl.int64) * n_q
     o_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh

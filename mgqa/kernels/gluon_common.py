@@ -1,12 +1,24 @@
 """What the Gluon (warp-specialised, sm_90) kernels share: the layouts of one warpgroup of 4 warps
-issuing ``wgmma`` with the accumulator in registers, and the K/V tensor descriptors."""
+issuing ``wgmma`` with the accumulator in registers, the K/V tensor descriptors, the query-block
+program order, the key blocks a block of query rows needs, and which inputs they take."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+
+# Every Gluon kernel here runs 4 warps (consumer 0, the default partition) + 4 (consumer 1) + 1
+# producer, rounded up to 12 resident warps: maxnreg 168 x 12 x 32 fills the 64K registers at launch,
+# then setmaxnreg moves them from the producer (24) to the two consumers (240 each).
+NUM_WARPS = 4
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
 
 
 @triton.constexpr_function
@@ -32,3 +44,69 @@ def kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride
     v_desc = tma.make_tensor_descriptor(V + batch.to(gl.int64) * stride_vb + kv_head.to(gl.int64) * stride_vh,
                                         [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM], layout)
     return k_desc, v_desc
+
+
+def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int], head_dims) -> Optional[str]:
+    """None if a Gluon kernel built for sm_90 and ``head_dims`` runs this case, else why not."""
+    if capability != (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
+    if head_dim not in head_dims:
+        return f"head_dim {head_dim} (built for {tuple(head_dims)})"
+    if dtype_name not in ("float16", "bfloat16"):
+        return f"dtype {dtype_name}"
+    return None
+
+
+@gluon.jit
+def query_block_program(n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL: gl.constexpr):
+    """(batch, kv_head, head, first row) of this program on a 1-D grid of ROWS-row query blocks, in
+    the order of attention_common._query_block_program with one chunk per section: (batch, KV head)
+    outer, then query blocks (last first under a causal mask, as they see the most keys), then the
+    group's query heads, which share each K/V tile through L2."""
+    num_m = gl.cdiv(n_q, ROWS)
+    per_kv = GROUP * num_m
+    pid = gl.program_id(0)
+    pid_bkv = pid // per_kv
+    within = pid % per_kv
+    pid_m = within // GROUP
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    kv_heads = heads // GROUP
+    return pid_bkv // kv_heads, pid_bkv % kv_heads, (pid_bkv % kv_heads) * GROUP + within % GROUP, pid_m * ROWS
+
+
+@gluon.jit
+def key_blocks(first_row, rows, n_q, n_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(full, count) for query rows [first_row, first_row + rows): the first ``full`` key blocks are
+    visible to every row (no mask), and ``count`` blocks hold any key they see (as
+    attention_common._key_range; causal aligned bottom-right)."""
+    offset = n_k - n_q
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(first_row + rows + offset, 0), n_k)
+        full = gl.minimum(gl.maximum(first_row + offset + 1, 0), n_k) // BLOCK_N
+    else:
+        hi = n_k
+        full = n_k // BLOCK_N
+    return full, gl.cdiv(hi, BLOCK_N)
+
+
+@gluon.jit
+def head_rows_descriptor(X, batch, head, stride_b, stride_h, stride_n, n_rows, BLOCK: gl.constexpr,
+                         HEAD_DIM: gl.constexpr):
+    """Tensor descriptor of one head's (n_rows, HEAD_DIM) rows read in (BLOCK, HEAD_DIM) tiles; the
+    copy engine zero-fills rows past the end."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], X.dtype.element_ty)
+    return tma.make_tensor_descriptor(X + batch.to(gl.int64) * stride_b + head.to(gl.int64) * stride_h,
+                                      [n_rows, HEAD_DIM], [stride_n, 1], [BLOCK, HEAD_DIM], layout)
+
+
+@gluon.jit
+def buffer_barriers(STAGES: gl.constexpr):
+    """(ready, empty) mbarriers of a ring of STAGES buffers that one producer fills (ready: the copy
+    engine's arrival) and both consumer warpgroups release (empty: one arrival each)."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return ready, empty

@@ -554,54 +554,30 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kind", ["dkdv", "dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
-def test_gpu_warp_specialised_dkdv(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon dK/dV kernel runs these inputs; dq, dk, dv match the tl backward's, and
+def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
+    """On sm_90 the Gluon dK/dV kernel (default) or dQ kernel (MGQA_TRITON_DQ_IMPL=auto; it also
+    writes delta for dK/dV) runs these inputs; dq, dk, dv match the tl backward's, and
     forward+backward through it matches the float64 reference."""
+    flag, reason_of = {"dkdv": ("BWD_IMPL", kernels.ws_backward_reason), "dq": ("DQ_IMPL", kernels.ws_dq_reason)}[kind]
+    monkeypatch.setattr(kernels, flag, "auto")
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
     q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
     grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
-    reason = kernels.ws_backward_reason(q, k, v, grad_out)
+    reason = reason_of(q, k, v, grad_out)
     if torch.cuda.get_device_capability() != (9, 0):
         assert reason is not None
-        pytest.skip(f"the warp-specialised dK/dV kernel does not run here: {reason}")
+        pytest.skip(f"the warp-specialised {kind} kernel does not run here: {reason}")
     assert reason is None
     scale = 128 ** -0.5
     out, lse = kernels.attention_forward(q, k, v, causal, scale)
     ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
+    monkeypatch.setattr(kernels, flag, "tl")
     tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
+    monkeypatch.setattr(kernels, flag, "auto")
     for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b.double()) < 2e-2, name
-    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_dkdv:{dtype}")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
-def test_gpu_warp_specialised_dq(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """With MGQA_TRITON_DQ_IMPL=auto on sm_90 the Gluon dQ kernel runs these inputs (it also writes
-    delta for the dK/dV kernel); dq, dk, dv match the tl backward's, and forward+backward through
-    it matches the float64 reference."""
-    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
-    q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
-    grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
-    reason = kernels.ws_dq_reason(q, k, v, grad_out)
-    if torch.cuda.get_device_capability() != (9, 0):
-        assert reason is not None
-        pytest.skip(f"the warp-specialised dQ kernel does not run here: {reason}")
-    assert reason is None
-    scale = 128 ** -0.5
-    out, lse = kernels.attention_forward(q, k, v, causal, scale)
-    ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, "DQ_IMPL", "tl")
-    tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
-    for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert rel_err(a, b.double()) < 2e-2, name
-    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_dq:{dtype}")
+    check_against_reference(q, k, v, causal, scale=scale, label=f"ws_{kind}:{dtype}")
