@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program,
+    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program, stream_kv,
     register_operand_layout, wgmma_layout,
 )
 
@@ -46,20 +46,11 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
     # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
-    TILE_N: gl.constexpr = k_smem.type.shape[1]
-    NSTAGES: gl.constexpr = k_smem.type.shape[0]
     mbarrier.expect(qd_bar, 4 * q_desc.block_type.nbytes)
     for c in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [q_start + c * TILE_M, 0], qd_bar, q_smem.index(c))
         tma.async_copy_global_to_shared(do_desc, [q_start + c * TILE_M, 0], qd_bar, do_smem.index(c))
-    for j in range(n_blocks):
-        stage = j % NSTAGES
-        # A fresh mbarrier counts as having completed the phase before its first.
-        mbarrier.wait(kv_empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
-        bar = kv_ready.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
-        tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
+    stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks)
 
 
 @gluon.jit

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program,
+    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program, stream_kv,
     register_operand_layout, wgmma_layout,
 )
 
@@ -55,20 +55,10 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready
     # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers,
     # and each consumer variant is its own function.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
-    TILE_N: gl.constexpr = k_smem.type.shape[1]
-    NSTAGES: gl.constexpr = k_smem.type.shape[0]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_bar, q_smem.index(0))
     tma.async_copy_global_to_shared(q_desc, [q_start + TILE_M, 0], q_bar, q_smem.index(1))
-    for j in range(n_blocks):
-        stage = j % NSTAGES
-        # A fresh mbarrier counts as having completed the phase before its first, so the first
-        # NSTAGES waits pass at once.
-        mbarrier.wait(kv_empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
-        bar = kv_ready.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
-        tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
+    stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks)
 
 
 @gluon.jit

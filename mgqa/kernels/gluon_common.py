@@ -110,3 +110,19 @@ def buffer_barriers(STAGES: gl.constexpr):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
     return ready, empty
+
+
+@gluon.jit
+def stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks):
+    """Producer loop: K/V blocks 0..n_blocks-1 into the ring of buffers, each refilled once both
+    consumers have released it."""
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    for j in range(n_blocks):
+        stage = j % NSTAGES
+        # A fresh mbarrier counts as having completed the phase before its first.
+        mbarrier.wait(kv_empty.index(stage), ((j // NSTAGES) & 1) ^ 1)
+        bar = kv_ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
