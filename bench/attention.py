@@ -33,10 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mgqa.kernels import attention as mgqa_kernels
 
-CAUSAL_ORDER = mgqa_kernels.CAUSAL_ORDER  # as set by MGQA_TRITON_CAUSAL_ORDER; mgqa_grid_order overrides it
-FWD_IMPL = mgqa_kernels.FWD_IMPL  # as set by MGQA_TRITON_FWD_IMPL; mgqa_tl_fwd overrides it
-BWD_IMPL = mgqa_kernels.BWD_IMPL  # as set by MGQA_TRITON_BWD_IMPL; mgqa_tl_bwd overrides it
-DQ_IMPL = mgqa_kernels.DQ_IMPL  # as set by MGQA_TRITON_DQ_IMPL; mgqa_ws_dq overrides it
+# The flags as set by their environment variables (MGQA_TRITON_*); each variant overrides some.
+DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name)
+                 for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL", "BWD_IMPL", "DQ_IMPL")}
 
 TOKENS = 16384
 HEADS = 32
@@ -91,42 +90,23 @@ def flex(q, k, v, causal):
 
 
 def mgqa(q, k, v, causal):
+    """mgqa's Triton kernels; the variants below run the same call with module flags changed."""
     return mgqa_kernels.triton_attention(q, k, v, causal=causal)
 
 
-def mgqa_no_tma(q, k, v, causal):
-    """mgqa with plain pointer loads instead of tensor descriptors (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
+# mgqa variants: the module flags each one changes (the bench loop sets them before timing it).
+MGQA_VARIANTS = {
+    "mgqa": {},
+    "mgqa_no_tma": {"USE_TMA": False},  # plain pointer loads instead of tensor descriptors
+    "mgqa_atomic_dq": {"DETERMINISTIC": False},  # dQ by fp32 atomics inside the dK/dV kernel
+    "mgqa_grid_order": {"CAUSAL_ORDER": "grid"},  # chunk-by-chunk launch order under a causal mask
+    "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
+    "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
+    "mgqa_ws_dq": {"DQ_IMPL": "auto"},  # the Gluon dQ kernel, off by default until measured
+}
 
-
-def mgqa_atomic_dq(q, k, v, causal):
-    """mgqa with dQ accumulated by fp32 atomics inside the dK/dV kernel (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-def mgqa_grid_order(q, k, v, causal):
-    """mgqa with the plain chunk-by-chunk launch order under a causal mask (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-def mgqa_tl_fwd(q, k, v, causal):
-    """mgqa with the tl forward kernel where the warp-specialised Gluon one would run (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-def mgqa_tl_bwd(q, k, v, causal):
-    """mgqa with the tl dK/dV kernel where the warp-specialised Gluon one would run (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-def mgqa_ws_dq(q, k, v, causal):
-    """mgqa with the warp-specialised Gluon dQ kernel, off by default until measured (the bench loop sets the flag)."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-IMPLS = {"mgqa": mgqa, "mgqa_ws_dq": mgqa_ws_dq, "mgqa_no_tma": mgqa_no_tma, "mgqa_atomic_dq": mgqa_atomic_dq,
-         "mgqa_grid_order": mgqa_grid_order, "mgqa_tl_fwd": mgqa_tl_fwd, "mgqa_tl_bwd": mgqa_tl_bwd, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-         "flex": flex}
+IMPLS = {**{name: mgqa for name in MGQA_VARIANTS}, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flex": flex}
 
 
 def time_ms(fn, grads=None) -> float:
@@ -157,27 +137,22 @@ def make_inputs(head_dim, kv_heads, n, dtype):
     return q, k, v, do
 
 
-def set_mgqa_flags(name, deterministic):
-    """The module flags the mgqa variants differ by (TMA loads, atomic dQ, causal launch order, forward kernel)."""
-    mgqa_kernels.USE_TMA = name != "mgqa_no_tma"
-    mgqa_kernels.FWD_IMPL = "tl" if name == "mgqa_tl_fwd" else FWD_IMPL
-    mgqa_kernels.BWD_IMPL = "tl" if name == "mgqa_tl_bwd" else BWD_IMPL
-    mgqa_kernels.DQ_IMPL = "auto" if name == "mgqa_ws_dq" else DQ_IMPL
-    mgqa_kernels.DETERMINISTIC = deterministic and name != "mgqa_atomic_dq"
-    mgqa_kernels.CAUSAL_ORDER = "grid" if name == "mgqa_grid_order" else CAUSAL_ORDER
+def set_mgqa_flags(name):
+    """Set the module flags of mgqa variant ``name``; any other name restores the defaults."""
+    for flag, value in {**DEFAULT_FLAGS, **MGQA_VARIANTS.get(name, {})}.items():
+        setattr(mgqa_kernels, flag, value)
 
 
 def warm_worker(task):
     """Run forward+backward once per shape for every compiled implementation (fills the caches)."""
     shape_list, impls, dtype_name = task
     torch._dynamo.config.cache_size_limit = 256
-    deterministic = mgqa_kernels.DETERMINISTIC
     for head_dim, kv_heads, n, causal in shape_list:
         q, k, v, do = make_inputs(head_dim, kv_heads, n, getattr(torch, dtype_name))
         for name in impls:
             if name.startswith("sdpa"):
                 continue
-            set_mgqa_flags(name, deterministic)
+            set_mgqa_flags(name)
             try:
                 IMPLS[name](q, k, v, causal).backward(do)
             except Exception:  # the timing process reports it
@@ -209,14 +184,13 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
     row["err_vs_flash"] = max(rel_err(a, b) for a, b in zip((out, *grads), (ref, *ref_grads)))
     del ref, ref_grads, out, grads
 
-    deterministic = mgqa_kernels.DETERMINISTIC
     readings: dict = defaultdict(list)
     for r in range(repeat):
         # Rounds over all implementations, in reverse order every other round: clock drift, and
         # whatever the previous implementation leaves behind, hit each alike.
         for name in impls if r % 2 == 0 else impls[::-1]:
             fn = IMPLS[name]
-            set_mgqa_flags(name, deterministic)
+            set_mgqa_flags(name)
             try:
                 fwd = time_ms(lambda: fn(q, k, v, causal))
                 fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
@@ -230,12 +204,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
             row[f"{name}_{phase}"] = values[len(values) // 2] if values else None  # the median reading
             if repeat > 1:
                 row[f"{name}_{phase}_readings"] = values
-    mgqa_kernels.USE_TMA = True
-    mgqa_kernels.DETERMINISTIC = deterministic
-    mgqa_kernels.FWD_IMPL = FWD_IMPL
-    mgqa_kernels.BWD_IMPL = BWD_IMPL
-    mgqa_kernels.DQ_IMPL = DQ_IMPL
-    mgqa_kernels.CAUSAL_ORDER = CAUSAL_ORDER
+    set_mgqa_flags("defaults")
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
         peers = [x for x in peers if x]

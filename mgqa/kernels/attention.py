@@ -186,8 +186,9 @@ def _gluon_module(name: str):
     return _gluon_modules[name]
 
 
-def _gluon_common_reason(setting: str, value: str, name: str, *tensors: torch.Tensor):
-    """(module, None) if a Gluon kernel module may run these tensors, else (None, reason)."""
+def _gluon_reason(setting: str, value: str, name: str, *tensors: torch.Tensor, **case):
+    """(module, None) if the Gluon kernel module ``name`` runs these tensors, else (None, reason).
+    ``case`` goes to the module's own ``unsupported_reason`` (e.g. the forward's scale)."""
     q = tensors[0]
     if value != "auto":
         return None, f"{setting}={value}"
@@ -198,15 +199,14 @@ def _gluon_common_reason(setting: str, value: str, name: str, *tensors: torch.Te
         return None, module
     if not _tma_ok(*tensors):
         return None, "tensor descriptors off (MGQA_TRITON_TMA=0) or layout unfit (16-byte aligned base and strides needed)"
-    return module, None
+    reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
+                                       torch.cuda.get_device_capability(q.device), **case)
+    return (None, reason) if reason else (module, None)
 
 
 def ws_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> Optional[str]:
     """None if the forward runs the warp-specialised Gluon kernel for these inputs, else why not."""
-    module, reason = _gluon_common_reason("MGQA_TRITON_FWD_IMPL", FWD_IMPL, "attention_fwd_ws", q, k, v)
-    if reason is None:
-        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."), scale,
-                                           torch.cuda.get_device_capability(q.device))
+    _, reason = _gluon_reason("MGQA_TRITON_FWD_IMPL", FWD_IMPL, "attention_fwd_ws", q, k, v, scale=scale)
     min_keys = WS_MIN_KEYS_CAUSAL if causal else WS_MIN_KEYS
     if reason is None and k.shape[2] < min_keys:
         reason = f"{k.shape[2]} keys (the tl kernel is faster below {min_keys}{' with a causal mask' if causal else ''})"
@@ -215,19 +215,12 @@ def ws_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 
 def ws_dq_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
     """None if the deterministic backward's dQ runs the warp-specialised Gluon kernel, else why not."""
-    module, reason = _gluon_common_reason("MGQA_TRITON_DQ_IMPL", DQ_IMPL, "attention_dq_ws", q, k, v, grad_out)
-    if reason is None:
-        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
-                                           torch.cuda.get_device_capability(q.device))
-    return reason
+    return _gluon_reason("MGQA_TRITON_DQ_IMPL", DQ_IMPL, "attention_dq_ws", q, k, v, grad_out)[1]
 
 
 def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
     """None if the deterministic backward's dK/dV runs the warp-specialised Gluon kernel, else why not."""
-    module, reason = _gluon_common_reason("MGQA_TRITON_BWD_IMPL", BWD_IMPL, "attention_bwd_ws", q, k, v, grad_out)
-    if reason is None:
-        reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
-                                           torch.cuda.get_device_capability(q.device))
+    module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", BWD_IMPL, "attention_bwd_ws", q, k, v, grad_out)
     if reason is None:
         # No group split: with few programs the tl kernel's split over the group fills the GPU better.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count

@@ -41,7 +41,7 @@ STAGES = 3  # K/V buffers in flight: 3 x 64 KB + 32 KB of Q at head_dim 128
 HEAD_DIMS = (128,)
 
 
-def unsupported_reason(head_dim: int, dtype_name: str, scale: float, capability: tuple[int, int]) -> Optional[str]:
+def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int], *, scale: float) -> Optional[str]:
     """None if the warp-specialised forward runs this case, else why the ``tl`` kernel is used."""
     reason = gluon_common.unsupported_reason(head_dim, dtype_name, capability, HEAD_DIMS)
     if reason is None and not scale > 0:

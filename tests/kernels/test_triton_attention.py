@@ -374,13 +374,13 @@ def test_warp_specialised_forward_applies_only_where_measured():
     """The Gluon forward takes sm_90, head_dim 128, fp16/bf16 and a positive scale; anything else
     names why the tl kernel runs instead."""
     ws = pytest.importorskip("mgqa.kernels.attention_fwd_ws", reason="Gluon unavailable in this Triton")
-    assert ws.unsupported_reason(128, "bfloat16", 0.088, (9, 0)) is None
-    assert ws.unsupported_reason(128, "float16", 1.0, (9, 0)) is None
-    assert "8.0" in ws.unsupported_reason(128, "bfloat16", 0.088, (8, 0))
-    assert "10.0" in ws.unsupported_reason(128, "bfloat16", 0.088, (10, 0))
-    assert "head_dim 64" in ws.unsupported_reason(64, "bfloat16", 0.125, (9, 0))
-    assert "float32" in ws.unsupported_reason(128, "float32", 0.088, (9, 0))
-    assert "scale -1.0" in ws.unsupported_reason(128, "bfloat16", -1.0, (9, 0))
+    assert ws.unsupported_reason(128, "bfloat16", (9, 0), scale=0.088) is None
+    assert ws.unsupported_reason(128, "float16", (9, 0), scale=1.0) is None
+    assert "8.0" in ws.unsupported_reason(128, "bfloat16", (8, 0), scale=0.088)
+    assert "10.0" in ws.unsupported_reason(128, "bfloat16", (10, 0), scale=0.088)
+    assert "head_dim 64" in ws.unsupported_reason(64, "bfloat16", (9, 0), scale=0.125)
+    assert "float32" in ws.unsupported_reason(128, "float32", (9, 0), scale=0.088)
+    assert "scale -1.0" in ws.unsupported_reason(128, "bfloat16", (9, 0), scale=-1.0)
 
 
 def test_warp_specialised_dkdv_applies_only_where_measured():
@@ -413,6 +413,43 @@ def test_gluon_dq_is_off_unless_asked_for():
     assert kernels.DQ_IMPL == os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
     if "MGQA_TRITON_DQ_IMPL" not in os.environ:
         assert kernels.ws_dq_reason(q, k, v, q) == "MGQA_TRITON_DQ_IMPL=tl"
+
+
+class _FakeCudaTensor:
+    """Shape and dtype of a CUDA tensor, for the Gluon dispatch logic on a machine without one."""
+    is_cuda = True
+    device = "cuda:0"
+
+    def __init__(self, *shape, dtype=torch.bfloat16):
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+
+def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
+    """What the launchers pick on sm_90 with 132 SMs, checked without a GPU: each Gluon kernel where
+    it applies, and the named reason where it does not."""
+    pytest.importorskip("mgqa.kernels.attention_fwd_ws", reason="Gluon unavailable in this Triton")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_tma_ok", lambda *tensors: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), {"multi_processor_count": 132})())
+    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
+    q, k = _FakeCudaTensor(4, 32, 4096, 128), _FakeCudaTensor(4, 8, 4096, 128)
+    assert kernels.ws_forward_reason(q, k, k, True, 0.088) is None
+    assert kernels.ws_backward_reason(q, k, k, q) is None
+    assert kernels.ws_dq_reason(q, k, k, q) is None
+    assert "scale -1.0" in kernels.ws_forward_reason(q, k, k, False, -1.0)
+    short = _FakeCudaTensor(4, 8, 2048, 128)
+    assert "2048 keys" in kernels.ws_forward_reason(q, short, short, True, 0.088)  # causal needs 4k
+    assert kernels.ws_forward_reason(q, short, short, False, 0.088) is None
+    mqa = _FakeCudaTensor(4, 1, 4096, 128)  # 4 x 1 x 32 key blocks: under two per SM
+    assert "128 key-block programs" in kernels.ws_backward_reason(q, mqa, mqa, q)
+    q64, k64 = _FakeCudaTensor(4, 32, 4096, 64), _FakeCudaTensor(4, 8, 4096, 64)
+    for reason in (kernels.ws_forward_reason(q64, k64, k64, True, 0.125), kernels.ws_backward_reason(q64, k64, k64, q64),
+                   kernels.ws_dq_reason(q64, k64, k64, q64)):
+        assert "head_dim 64" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "8.0" in kernels.ws_forward_reason(q, k, k, True, 0.088)
 
 
 def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
