@@ -80,6 +80,16 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     )
 
 
+def _env_choice(variable: str, default: str, choices: tuple[str, ...]) -> str:
+    """A kernel setting read from the environment at import; any value outside ``choices`` fails
+    there, naming the value and the choices."""
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        expected = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+        raise ValueError(f"{variable}={value!r}: expected {expected}")
+    return value
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocation of every kernel output; tests swap it for a NaN-filled one to catch unwritten elements."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -125,9 +135,7 @@ FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
 # dK/dV kernel, programs that own one query head (MHA, or a group split down to one head each): one
 # query loop with the causal mask on every block, flattened with the head loop, instead of a masked
 # and an unmasked loop (bench/NOTES.md, v8). "auto": there only; "1": every shape; "0": never.
-DKDV_ONE_LOOP = os.environ.get("MGQA_TRITON_DKDV_ONE_LOOP", "auto")
-if DKDV_ONE_LOOP not in ("auto", "0", "1"):
-    raise ValueError(f"MGQA_TRITON_DKDV_ONE_LOOP={DKDV_ONE_LOOP!r}: expected auto, 0 or 1")
+DKDV_ONE_LOOP = _env_choice("MGQA_TRITON_DKDV_ONE_LOOP", "auto", ("auto", "0", "1"))
 
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
@@ -135,24 +143,16 @@ FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divid
 # in sections of a few KV heads' work (sized to share L2), the longest programs (first key blocks)
 # of the whole section first, so the launch ends on short programs. "grid": one KV head's programs
 # after another (each head's longest first), which can leave a few long programs running alone.
-CAUSAL_ORDER = os.environ.get("MGQA_TRITON_CAUSAL_ORDER", "sections")
-if CAUSAL_ORDER not in ("sections", "grid"):
-    raise ValueError(f"MGQA_TRITON_CAUSAL_ORDER={CAUSAL_ORDER!r}: expected sections or grid")
+CAUSAL_ORDER = _env_choice("MGQA_TRITON_CAUSAL_ORDER", "sections", ("sections", "grid"))
 # Forward kernel. "auto": on sm_90, the warp-specialised Gluon kernel (attention_fwd_ws; head_dim 128,
 # fp16/bf16) where it applies, the tl kernel elsewhere; "tl": always the tl kernel.
-FWD_IMPL = os.environ.get("MGQA_TRITON_FWD_IMPL", "auto")
-if FWD_IMPL not in ("auto", "tl"):
-    raise ValueError(f"MGQA_TRITON_FWD_IMPL={FWD_IMPL!r}: expected auto or tl")
+FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
 # (attention_bwd_ws) where it applies; "tl": always the tl kernel.
-BWD_IMPL = os.environ.get("MGQA_TRITON_BWD_IMPL", "auto")
-if BWD_IMPL not in ("auto", "tl"):
-    raise ValueError(f"MGQA_TRITON_BWD_IMPL={BWD_IMPL!r}: expected auto or tl")
+BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tl"))
 # dQ kernel of the deterministic backward: "tl" (default); "auto" takes the warp-specialised Gluon dQ
 # kernel (attention_dq_ws) where it applies. Off by default until it has been measured on a GPU.
-DQ_IMPL = os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
-if DQ_IMPL not in ("auto", "tl"):
-    raise ValueError(f"MGQA_TRITON_DQ_IMPL={DQ_IMPL!r}: expected auto or tl")
+DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "tl", ("auto", "tl"))
 _gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
 # Below this many keys the tl forward runs (bench/NOTES.md, v11): with few key blocks per program the
 # Gluon kernel's set-up (one 229 KB program per SM) costs more than its overlap gains. Measured on
