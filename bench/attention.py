@@ -102,7 +102,7 @@ MGQA_VARIANTS = {
     "mgqa_grid_order": {"CAUSAL_ORDER": "grid"},  # chunk-by-chunk launch order under a causal mask
     "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
-    "mgqa_ws_dq": {"DQ_IMPL": "auto"},  # the Gluon dQ kernel, off by default until measured
+    "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
 }
 
 IMPLS = {**{name: mgqa for name in MGQA_VARIANTS}, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),

@@ -150,9 +150,9 @@ FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
 # (attention_bwd_ws) where it applies; "tl": always the tl kernel.
 BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tl"))
-# dQ kernel of the deterministic backward: "tl" (default); "auto" takes the warp-specialised Gluon dQ
-# kernel (attention_dq_ws) where it applies. Off by default until it has been measured on a GPU.
-DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "tl", ("auto", "tl"))
+# dQ kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon dQ kernel
+# (attention_dq_ws, which also writes delta) where it applies; "tl": always the tl kernel.
+DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "auto", ("auto", "tl"))
 _gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
 # Below this many keys the tl forward runs (bench/NOTES.md, v11): with few key blocks per program the
 # Gluon kernel's set-up (one 229 KB program per SM) costs more than its overlap gains. Measured on

@@ -408,11 +408,11 @@ def test_older_triton_falls_back_to_the_tl_kernels_with_the_reason(monkeypatch):
     assert isinstance(reason, str) and "triton 3.4.0" in reason and "3.6" in reason
 
 
-def test_gluon_dq_is_off_unless_asked_for():
+def test_gluon_dq_runs_by_default_and_tl_turns_it_off(monkeypatch):
     q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
-    assert kernels.DQ_IMPL == os.environ.get("MGQA_TRITON_DQ_IMPL", "tl")
-    if "MGQA_TRITON_DQ_IMPL" not in os.environ:
-        assert kernels.ws_dq_reason(q, k, v, q) == "MGQA_TRITON_DQ_IMPL=tl"
+    assert kernels.DQ_IMPL == os.environ.get("MGQA_TRITON_DQ_IMPL", "auto")
+    monkeypatch.setattr(kernels, "DQ_IMPL", "tl")
+    assert kernels.ws_dq_reason(q, k, v, q) == "MGQA_TRITON_DQ_IMPL=tl"
 
 
 class _FakeCudaTensor:
@@ -433,7 +433,6 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: type("Props", (), {"multi_processor_count": 132})())
-    monkeypatch.setattr(kernels, "DQ_IMPL", "auto")
     q, k = _FakeCudaTensor(4, 32, 4096, 128), _FakeCudaTensor(4, 8, 4096, 128)
     assert kernels.ws_forward_reason(q, k, k, True, 0.088) is None
     assert kernels.ws_backward_reason(q, k, k, q) is None
@@ -595,8 +594,8 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon dK/dV kernel (default) or dQ kernel (MGQA_TRITON_DQ_IMPL=auto; it also
-    writes delta for dK/dV) runs these inputs; dq, dk, dv match the tl backward's, and
+    """On sm_90 the Gluon dK/dV kernel or dQ kernel (it also writes delta for dK/dV) runs these
+    inputs; dq, dk, dv match the tl backward's, and
     forward+backward through it matches the float64 reference."""
     flag, reason_of = {"dkdv": ("BWD_IMPL", kernels.ws_backward_reason), "dq": ("DQ_IMPL", kernels.ws_dq_reason)}[kind]
     monkeypatch.setattr(kernels, flag, "auto")
