@@ -102,6 +102,7 @@ MGQA_VARIANTS = {
     "mgqa_grid_order": {"CAUSAL_ORDER": "grid"},  # chunk-by-chunk launch order under a causal mask
     "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
+    "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14)
     "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
 }
 

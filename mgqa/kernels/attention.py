@@ -148,8 +148,9 @@ CAUSAL_ORDER = _env_choice("MGQA_TRITON_CAUSAL_ORDER", "sections", ("sections", 
 # fp16/bf16) where it applies, the tl kernel elsewhere; "tl": always the tl kernel.
 FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
-# (attention_bwd_ws) where it applies; "tl": always the tl kernel.
-BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tl"))
+# (attention_bwd_ws) where it applies; "persistent" its persistent variant (one program per SM, v14:
+# not yet measured on a GPU); "tl": always the tl kernel.
+BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "persistent", "tl"))
 # dQ kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon dQ kernel
 # (attention_dq_ws, which also writes delta) where it applies; "tl": always the tl kernel.
 DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "auto", ("auto", "tl"))
@@ -220,7 +221,8 @@ def ws_dq_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: to
 
 def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
     """None if the deterministic backward's dK/dV runs the warp-specialised Gluon kernel, else why not."""
-    module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", BWD_IMPL, "attention_bwd_ws", q, k, v, grad_out)
+    module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", "auto" if BWD_IMPL == "persistent" else BWD_IMPL,
+                                   "attention_bwd_ws", q, k, v, grad_out)
     if reason is None:
         # No group split: with few programs the tl kernel's split over the group fills the GPU better.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -359,7 +361,8 @@ def attention_backward(
     if not atomic_dq and ws_backward_reason(q, k, v, grad_out) is None:
         group_bytes = 2 * meta["GROUP"] * n_q * head_dim * q.element_size()  # one chunk's Q/dO
         _gluon_module("attention_bwd_ws").launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
-                                                 _sections("dkdv", causal, group_bytes, q.device))
+                                                 _sections("dkdv", causal, group_bytes, q.device),
+                                                 persistent=BWD_IMPL == "persistent")
         return dq, dk, dv
 
     def grid_kv(cfg):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -46,6 +47,35 @@ HEAD_DIMS = (128,)
 def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int]) -> Optional[str]:
     """None if this kernel runs the case, else why the ``tl`` dK/dV kernel is used."""
     return gluon_common.unsupported_reason(head_dim, dtype_name, capability, HEAD_DIMS)
+
+
+@gluon.jit
+def _key_tile(tile, num_n, n_chunks, kv_heads, SECTION_PROGRAMS, SECTION_CHUNKS):
+    """(batch, KV head, chunk, key block) at position ``tile`` of the launch order of
+    attention_common._key_block_program (one group split): sections of a few (batch, KV head)
+    chunks whose Q/dO share L2, ordered (key block, chunk) within a section, so under a causal mask
+    the first key blocks, which see the most queries, start first across the section. With one chunk
+    per section: (chunk, key block)."""
+    section = gl.maximum(gl.minimum(gl.cdiv(SECTION_PROGRAMS, num_n), SECTION_CHUNKS), 1)
+    first = tile // (section * num_n) * section
+    within = tile - first * num_n
+    count = gl.minimum(section, n_chunks - first)
+    chunk = first + within % count
+    return chunk // kv_heads, chunk % kv_heads, chunk, within // count
+
+
+@gluon.jit
+def _query_range(start_n, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, causal):
+    """(lo, mid) for the keys [start_n, start_n + 2 * BLOCK_N): queries before lo see none of them;
+    [lo, mid) straddle the diagonal (masked). Without a mask, (0, 0)."""
+    lo = n_q * 0  # a run-time zero: ``causal`` may be a run-time value (inside a partition)
+    mid = lo
+    if causal:
+        offset = n_k - n_q
+        lo = gl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        mid = gl.minimum(gl.maximum(start_n + 2 * BLOCK_N - offset, 0), n_q)
+        mid = gl.maximum(gl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
+    return lo, mid
 
 
 @gluon.jit
@@ -86,11 +116,12 @@ def _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs, TILE_M: gl.conste
 
 
 @gluon.jit
-def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first, last, lo, n_q, n_k,
+def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first, last, base, lo, n_q, n_k,
                key_pos, bh0, qk_scale, MASKED: gl.constexpr, PREFETCH: gl.constexpr):
-    """Steps t in [first, last) of the program's flat (head, query block) sequence."""
-    TILE_M: gl.constexpr = q_smem.type.shape[2]
-    HEAD: gl.constexpr = q_smem.type.shape[3]
+    """Steps t in [first, last) of one key tile's flat (head, query block) sequence; step t reads
+    ring buffer number base + t (base: the steps of the program's earlier tiles)."""
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_tile.type.shape[0]
     NSTAGES: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
@@ -110,7 +141,7 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
     for t in range(first, last):
         g = t // steps
         start_m = lo + (t - g * steps) * TILE_M
-        stage = t % NSTAGES
+        stage = (base + t) % NSTAGES
         offs_m = start_m + offs_m0
         if PREFETCH:
             lse = gl.convert_layout(lse_v, col_s)
@@ -118,7 +149,7 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
             lse_v, delta_v = _row_stats(Lse, Delta, t + 1, last, steps, lo, n_q, bh0, offs_v, TILE_M)
         else:
             lse, delta = _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs_m0, TILE_M)
-        mbarrier.wait(ready.index(stage), (t // NSTAGES) & 1)
+        mbarrier.wait(ready.index(stage), ((base + t) // NSTAGES) & 1)
         q_tile = q_smem.index(stage).reshape([TILE_M, HEAD])
         do_tile = do_smem.index(stage).reshape([TILE_M, HEAD])
         s_t = warpgroup_mma(k_tile, q_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -156,9 +187,9 @@ def _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, 
     masked_steps = (mid - lo) // TILE_M
     for g in range(group):
         dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
-                            g * steps + masked_steps, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
+                            g * steps + masked_steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
         dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
-                            g * steps + masked_steps, (g + 1) * steps, lo, n_q, n_k, key_pos, bh0, qk_scale, False,
+                            g * steps + masked_steps, (g + 1) * steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, False,
                             PREFETCH)
     keys = first_key + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
@@ -208,21 +239,9 @@ def _attn_bwd_dkdv_ws(
     CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
-    # Launch order of attention_common._key_block_program (one group split): sections of a few
-    # (batch, KV head) chunks whose Q/dO share L2, ordered (key block, chunk) within a section, so
-    # under a causal mask the first key blocks, which see the most queries, start first across the
-    # section. With one chunk per section: (chunk, key block).
     num_n = gl.cdiv(n_k, 2 * BLOCK_N)
-    pid = gl.program_id(0)
-    n_chunks = gl.num_programs(0) // num_n
-    section = gl.maximum(gl.minimum(gl.cdiv(SECTION_PROGRAMS, num_n), SECTION_CHUNKS), 1)
-    first = pid // (section * num_n) * section
-    within = pid - first * num_n
-    count = gl.minimum(section, n_chunks - first)
-    pid_bkv = first + within % count
-    pid_n = within // count
-    batch = pid_bkv // kv_heads
-    kv_head = pid_bkv % kv_heads
+    batch, kv_head, pid_bkv, pid_n = _key_tile(gl.program_id(0), num_n, gl.num_programs(0) // num_n, kv_heads,
+                                               SECTION_PROGRAMS, SECTION_CHUNKS)
     start_n = pid_n * (2 * BLOCK_N)
     heads = kv_heads * GROUP
     head0 = kv_head * GROUP
@@ -238,15 +257,7 @@ def _attn_bwd_dkdv_ws(
     k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                                     stride_vn, n_k, BLOCK_N, HEAD_DIM)
 
-    offset = n_k - n_q
-    if CAUSAL:
-        # Queries before lo see none of these keys; [lo, mid) straddle the diagonal (masked).
-        lo = gl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
-        mid = gl.minimum(gl.maximum(start_n + 2 * BLOCK_N - offset, 0), n_q)
-        mid = gl.maximum(gl.cdiv(mid, BLOCK_M) * BLOCK_M, lo)
-    else:
-        lo = 0
-        mid = 0
+    lo, mid = _query_range(start_n, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], qo_layout)
@@ -268,22 +279,234 @@ def _attn_bwd_dkdv_ws(
                             (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+# The persistent variant (v14; MGQA_TRITON_BWD_IMPL=persistent): one program per SM walks key
+# tiles in the launch order above, dealt out in rounds of one tile per program, the order reversed
+# every other round so that under a causal mask every program gets a mix of long and short tiles.
+# The producer streams one tile's Q/dO after another through the same ring and loads a tile's K/V
+# while the consumers finish the tile before, into a second K/V buffer set where shared memory has
+# room. (Q/dO buffers, lse/delta look-ahead, K/V buffer sets) per causal flag: 3 x 32 KB + 2 x 64 KB
+# causal, 4 x 32 KB + 64 KB non-causal.
+PERSISTENT_SETTINGS = {False: (4, True, 1), True: (3, False, 2)}
+MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
+
+
+@gluon.jit
+def _program_tiles(total):
+    """(rounds this program takes a tile in, programs): the tile of round r is
+    ``_round_tile(r, programs)``; the last round may be short, and then only some programs take part."""
+    programs = gl.num_programs(0)
+    rounds = gl.cdiv(total, programs)
+    last = _round_tile(rounds - 1, programs)
+    return rounds - 1 + (last < total).to(gl.int32), programs
+
+
+@gluon.jit
+def _round_tile(r, programs):
+    """Launch-order position of this program's tile in round r (reversed order in odd rounds)."""
+    pid = gl.program_id(0)
+    return r * programs + pid + (r % 2) * (programs - 1 - 2 * pid)
+
+
+@gluon.jit
+def _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k, sections, chunks, causal, TILE_M: gl.constexpr,
+             TILE_N: gl.constexpr):
+    """(batch, KV head, chunk, first key, lo, mid) of this program's tile in round r."""
+    batch, kv_head, chunk, pid_n = _key_tile(_round_tile(r, programs), num_n, n_chunks, kv_heads, sections, chunks)
+    start_n = pid_n * (2 * TILE_N)
+    lo, mid = _query_range(start_n, n_q, n_k, TILE_M, TILE_N, causal)
+    return batch, kv_head, chunk, start_n, lo, mid
+
+
+@gluon.jit
+def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
+                   empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                   qk_scale, sm_scale):
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
+    NSTAGES: gl.constexpr = q_smem.type.shape[0]
+    KV_SETS: gl.constexpr = k_smem.type.shape[0] // 2
+    rounds, programs = _program_tiles(total)
+    n_chunks = total // num_n
+    base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
+    for r in range(rounds):
+        batch, kv_head, chunk, start_n, lo, mid = _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k,
+                                                           sections, chunks, causal, TILE_M, TILE_N)
+        kv = r % KV_SETS
+        # A fresh mbarrier counts as having completed the phase before its first.
+        mbarrier.wait(kv_empty.index(kv), ((r // KV_SETS) & 1) ^ 1)
+        bar = kv_ready.index(kv)
+        mbarrier.expect(bar, 4 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, start_n, 0], bar, k_smem.index(2 * kv))
+        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, start_n + TILE_N, 0], bar, k_smem.index(2 * kv + 1))
+        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, start_n, 0], bar, v_smem.index(2 * kv))
+        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, start_n + TILE_N, 0], bar, v_smem.index(2 * kv + 1))
+        steps = gl.cdiv(n_q - lo, TILE_M)
+        for t in range(group * steps):
+            g = t // steps
+            start_m = lo + (t - g * steps) * TILE_M
+            stage = (base + t) % NSTAGES
+            mbarrier.wait(empty.index(stage), (((base + t) // NSTAGES) & 1) ^ 1)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [batch, kv_head * group + g, start_m, 0], bar, q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [batch, kv_head * group + g, start_m, 0], bar,
+                                            do_smem.index(stage))
+        base += group * steps
+
+
+@gluon.jit
+def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
+                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, WG: gl.constexpr,
+                  PREFETCH: gl.constexpr):
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    HEAD: gl.constexpr = q_smem.type.shape[-1]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
+    KV_SETS: gl.constexpr = k_smem.type.shape[0] // 2
+    acc_layout: gl.constexpr = wgmma_layout(HEAD)
+    s_layout: gl.constexpr = wgmma_layout(TILE_M)
+    rows_s = gl.arange(0, TILE_N, layout=gl.SliceLayout(1, s_layout))
+    rows_acc = gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
+    rounds, programs = _program_tiles(total)
+    n_chunks = total // num_n
+    heads = kv_heads * group
+    base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
+    for r in range(rounds):
+        batch, kv_head, chunk, start_n, lo, mid = _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k,
+                                                           sections, chunks, causal, TILE_M, TILE_N)
+        kv = r % KV_SETS
+        k_tile = k_smem.index(2 * kv + WG).reshape([TILE_N, HEAD])
+        v_tile = v_smem.index(2 * kv + WG).reshape([TILE_N, HEAD])
+        first_key = start_n + WG * TILE_N
+        key_pos = first_key + rows_s
+        bh0 = batch * heads + kv_head * group
+        dk = gl.zeros([TILE_N, HEAD], gl.float32, acc_layout)
+        dv = gl.zeros([TILE_N, HEAD], gl.float32, acc_layout)
+        steps = gl.cdiv(n_q - lo, TILE_M)
+        masked_steps = (mid - lo) // TILE_M
+        mbarrier.wait(kv_ready.index(kv), (r // KV_SETS) & 1)
+        for g in range(group):
+            dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
+                                g * steps + masked_steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
+            dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
+                                g * steps + masked_steps, (g + 1) * steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale,
+                                False, PREFETCH)
+        base += group * steps
+        # Every matmul reading this K/V set has completed (each step waits for its own): the
+        # producer may refill it while this warpgroup stores dK/dV.
+        mbarrier.arrive(kv_empty.index(kv), count=1)
+        keys = first_key + rows_acc
+        offs = (chunk.to(gl.int64) * n_k + keys)[:, None] * HEAD + offs_d[None, :]
+        key_ok = (keys < n_k)[:, None]
+        gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+        gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+@gluon.jit
+def _pbwd_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
+                    empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                    qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
+                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 0, True)
+
+
+@gluon.jit
+def _pbwd_consumer0_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
+                               ready, empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections,
+                               chunks, causal, qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
+                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 0, False)
+
+
+@gluon.jit
+def _pbwd_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
+                    empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                    qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
+                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 1, True)
+
+
+@gluon.jit
+def _pbwd_consumer1_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
+                               ready, empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections,
+                               chunks, causal, qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
+                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 1, False)
+
+
+@gluon.jit
+def _attn_bwd_dkdv_ws_persistent(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn,
+    batch, n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    KV_SETS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    PREFETCH: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    heads = kv_heads * GROUP
+    num_n = gl.cdiv(n_k, 2 * BLOCK_N)
+    total = batch * kv_heads * num_n
+    # Four-dimensional descriptors over the whole inputs, made once: a program's tiles span batch
+    # entries and heads. The copy engine zero-fills rows past n_q or n_k within each head.
+    qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q, [batch, heads, n_q, HEAD_DIM], [stride_qb, stride_qh, stride_qn, 1],
+                                        [1, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    do_desc = tma.make_tensor_descriptor(DO, [batch, heads, n_q, HEAD_DIM], [stride_db, stride_dh, stride_dn, 1],
+                                         [1, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    k_desc = tma.make_tensor_descriptor(K, [batch, kv_heads, n_k, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
+                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V, [batch, kv_heads, n_k, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
+                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], qo_layout)
+    # K/V set s: buffers 2s and 2s + 1 (consumer 0's and consumer 1's keys).
+    k_smem = gl.allocate_shared_memory(dtype, [2 * KV_SETS, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2 * KV_SETS, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    kv_ready, kv_empty = buffer_barriers(KV_SETS)
+    ready, empty = buffer_barriers(STAGES)
+
+    args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK,
+            DV, Lse, Delta, n_q, n_k, kv_heads, GROUP, total, num_n, SECTION_PROGRAMS, SECTION_CHUNKS, CAUSAL,
+            qk_scale, sm_scale)
+    if PREFETCH:
+        gl.warp_specialize([(_pbwd_consumer0, args), (_pbwd_consumer1, args), (_pbwd_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_pbwd_consumer0_noprefetch, args), (_pbwd_consumer1_noprefetch, args),
+                            (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-           sections: dict) -> None:
+           sections: dict, persistent: bool = False) -> None:
     """q, grad_out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; lse, delta (B, H, Nq) float32; dk, dv (B, Hkv, Nk, 128) contiguous; ``sections``
-    the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order. The caller has set Triton's
+    the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order; ``persistent``: one program per SM
+    (``_attn_bwd_dkdv_ws_persistent``) instead of one per key tile. The caller has set Triton's
     allocator (in-kernel descriptors need global scratch)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    grid = (batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N),)
+    tiles = batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+               v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS,
+                  PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+    if persistent:
+        stages, prefetch, kv_sets = PERSISTENT_SETTINGS[bool(causal)]
+        programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _attn_bwd_dkdv_ws_persistent[(programs,)](
+            q, k, v, grad_out, lse, delta, dk, dv, *strides, batch, n_q, n_k, kv_heads, heads // kv_heads, qk_scale,
+            sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, KV_SETS=kv_sets,
+            PREFETCH=prefetch, **common,
+        )
+        return
     stages, prefetch = SETTINGS[bool(causal)]
-    _attn_bwd_dkdv_ws[grid](
-        q, k, v, grad_out, lse, delta, dk, dv, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
-        grad_out.stride(2), n_q, n_k, kv_heads, heads // kv_heads, qk_scale, sm_scale,
-        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"],
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=stages, CAUSAL=causal,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, PREFETCH=prefetch, num_warps=NUM_WARPS,
-        maxnreg=MAXNREG,
+    _attn_bwd_dkdv_ws[(tiles,)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, n_q, n_k, kv_heads, heads // kv_heads, qk_scale, sm_scale,
+        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, PREFETCH=prefetch, **common,
     )

@@ -76,18 +76,22 @@ def variants():
 
 
 def ws_variants():
-    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV and dQ, causal and not, as
-    their ``launch`` functions run them."""
+    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV (one program per key tile, and
+    persistent) and dQ, causal and not, as their ``launch`` functions run them."""
     from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
 
     for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
                         ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
+                        ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
                         ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
         for causal in (0, 1):
             constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
                           "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
             if tag == "dkdvws":
                 constexprs["STAGES"], constexprs["PREFETCH"] = ws.SETTINGS[bool(causal)]
+            elif tag == "dkdvpws":
+                constexprs["STAGES"], constexprs["PREFETCH"], constexprs["KV_SETS"] = \
+                    ws.PERSISTENT_SETTINGS[bool(causal)]
             else:
                 constexprs["STAGES"] = ws.STAGES
             yield f"{tag} tma=1 causal={causal}", fn, constexprs, {"num_warps": ws.NUM_WARPS, "maxnreg": ws.MAXNREG}

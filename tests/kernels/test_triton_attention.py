@@ -146,7 +146,7 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
     ("MGQA_TRITON_DKDV_ONE_LOOP", "yes", "expected auto, 0 or 1"),
     ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
     ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto or tl"),
-    ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto or tl"),
+    ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto, persistent or tl"),
     ("MGQA_TRITON_DQ_IMPL", "on", "expected auto or tl"),
 ])
 def test_bad_kernel_setting_names_the_value(variable, value, expected):
@@ -437,6 +437,11 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert kernels.ws_forward_reason(q, k, k, True, 0.088) is None
     assert kernels.ws_backward_reason(q, k, k, q) is None
     assert kernels.ws_dq_reason(q, k, k, q) is None
+    monkeypatch.setattr(kernels, "BWD_IMPL", "persistent")  # the same kernel file and rules
+    assert kernels.ws_backward_reason(q, k, k, q) is None
+    monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
+    assert kernels.ws_backward_reason(q, k, k, q) == "MGQA_TRITON_BWD_IMPL=tl"
+    monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
     assert "scale -1.0" in kernels.ws_forward_reason(q, k, k, False, -1.0)
     short = _FakeCudaTensor(4, 8, 2048, 128)
     assert "2048 keys" in kernels.ws_forward_reason(q, short, short, True, 0.088)  # causal needs 4k
@@ -557,6 +562,7 @@ WS_CASES = [
     (1, 4, 4, 1000, 1000, False),
     (2, 8, 2, 2048, 2048, True),
     (1, 4, 1, 191, 4097, False),
+    (4, 8, 8, 1024, 1024, True),  # 256 key tiles: a persistent program takes one or two on an H100
 ]
 
 
@@ -590,16 +596,22 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kind", ["dkdv", "dq"])
+@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon dK/dV kernel or dQ kernel (it also writes delta for dK/dV) runs these
-    inputs; dq, dk, dv match the tl backward's, and
+    """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent) or dQ kernel (it
+    also writes delta for dK/dV) runs these inputs; dq, dk, dv match the tl backward's, and
     forward+backward through it matches the float64 reference."""
-    flag, reason_of = {"dkdv": ("BWD_IMPL", kernels.ws_backward_reason), "dq": ("DQ_IMPL", kernels.ws_dq_reason)}[kind]
-    monkeypatch.setattr(kernels, flag, "auto")
+    flag, value, reason_of = {"dkdv": ("BWD_IMPL", "auto", kernels.ws_backward_reason),
+                              "dkdv_persistent": ("BWD_IMPL", "persistent", kernels.ws_backward_reason),
+                              "dq": ("DQ_IMPL", "auto", kernels.ws_dq_reason)}[kind]
+    monkeypatch.setattr(kernels, flag, value)
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
+    if kind == "dkdv_persistent" and n_k < 1024:
+        # Few programs, so that each walks several tiles: rounds in both orders, a short last round,
+        # both K/V buffer sets.
+        monkeypatch.setattr(kernels._gluon_module("attention_bwd_ws"), "MAX_PROGRAMS", 3)
     q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
     grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
     reason = reason_of(q, k, v, grad_out)
@@ -612,7 +624,7 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
     ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
     monkeypatch.setattr(kernels, flag, "tl")
     tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, flag, "auto")
+    monkeypatch.setattr(kernels, flag, value)
     for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b.double()) < 2e-2, name
