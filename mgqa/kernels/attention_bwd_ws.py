@@ -23,6 +23,7 @@ sm_90 (tests/kernels/test_compile.py) and the GPU suite checks it against the tl
 
 from __future__ import annotations
 
+import heapq
 from typing import Optional
 
 import torch
@@ -279,58 +280,93 @@ def _attn_bwd_dkdv_ws(
                             (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# The persistent variant (v14; MGQA_TRITON_BWD_IMPL=persistent): one program per SM walks key
-# tiles in the launch order above, dealt out in rounds of one tile per program, the order reversed
-# every other round so that under a causal mask every program gets a mix of long and short tiles.
-# The producer streams one tile's Q/dO after another through the same ring and loads a tile's K/V
-# while the consumers finish the tile before, into a second K/V buffer set where shared memory has
-# room. (Q/dO buffers, lse/delta look-ahead, K/V buffer sets) per causal flag: 3 x 32 KB + 2 x 64 KB
-# causal, 4 x 32 KB + 64 KB non-causal.
+# The persistent variant (MGQA_TRITON_BWD_IMPL=persistent, bench/NOTES.md v14): one program per SM
+# walks a list of key tiles made on the host (``persistent_schedule``): every tile, in the launch
+# order above, goes to the program that frees up first, as the hardware would start one-tile
+# programs, so the tiles running at once stay neighbours in that order (sharing Q/dO in L2) and
+# the programs finish together. The producer streams one tile's Q/dO after another through the same
+# ring and loads a tile's K/V while the consumers finish the tile before, into a second K/V buffer
+# set where shared memory has room. (Q/dO buffers, lse/delta look-ahead, K/V buffer sets) per causal
+# flag: 3 x 32 KB + 2 x 64 KB causal, 4 x 32 KB + 64 KB non-causal.
 PERSISTENT_SETTINGS = {False: (4, True, 1), True: (3, False, 2)}
 MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
+# A tile's set-up (K/V load, first Q/dO, dK/dV stores) in query steps, for the schedule's cost model.
+TILE_SETUP_STEPS = 2
+_schedules: dict = {}  # launch parameters -> (schedule, rounds) on the device
+
+
+def launch_order(num_n: int, n_chunks: int, section_programs: int, section_chunks: int) -> list[tuple[int, int]]:
+    """(chunk, key block) of each launch-order position: ``_key_tile`` (and the tl kernels'
+    attention_common._key_block_program with one group split) on the host."""
+    section = max(min(-(-section_programs // num_n), section_chunks), 1)
+    order = []
+    for tile in range(num_n * n_chunks):
+        first = tile // (section * num_n) * section
+        within = tile - first * num_n
+        count = min(section, n_chunks - first)
+        order.append((first + within % count, within // count))
+    return order
+
+
+def tile_steps(pid_n: int, n_q: int, n_k: int, causal: bool) -> int:
+    """Query steps of one head for the key tile ``pid_n`` (``_query_range``'s lo on the host)."""
+    lo = max(pid_n * 2 * BLOCK_N - (n_k - n_q), 0) // BLOCK_M * BLOCK_M if causal else 0
+    return -(-(n_q - lo) // BLOCK_M)
+
+
+def first_free_schedule(costs: list[float], programs: int) -> list[list[int]]:
+    """Positions 0..len(costs)-1, in order, each given to the program that frees up first (the
+    lowest-numbered one on a tie): every program's list is increasing."""
+    free = [(0.0, program) for program in range(programs)]
+    lists: list[list[int]] = [[] for _ in range(programs)]
+    for position, cost in enumerate(costs):
+        time, program = heapq.heappop(free)
+        lists[program].append(position)
+        heapq.heappush(free, (time + cost, program))
+    return lists
+
+
+def persistent_schedule(batch: int, kv_heads: int, n_q: int, n_k: int, group: int, causal: bool, programs: int,
+                        sections: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(schedule, rounds) of a persistent launch, cached per launch parameters: program p takes
+    tiles ``schedule[p, :rounds[p]]``, each ``chunk * num_n + key block`` (int32, on ``device``)."""
+    key = (batch, kv_heads, n_q, n_k, group, bool(causal), programs, sections["SECTION_PROGRAMS"],
+           sections["SECTION_CHUNKS"], str(device))
+    if key not in _schedules:
+        num_n = triton.cdiv(n_k, 2 * BLOCK_N)
+        order = launch_order(num_n, batch * kv_heads, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"])
+        costs = [group * tile_steps(pid_n, n_q, n_k, causal) + TILE_SETUP_STEPS for _, pid_n in order]
+        lists = first_free_schedule(costs, programs)
+        table = torch.zeros((programs, max(len(tiles) for tiles in lists)), dtype=torch.int32)
+        for program, tiles in enumerate(lists):
+            table[program, :len(tiles)] = torch.tensor([order[t][0] * num_n + order[t][1] for t in tiles])
+        rounds = torch.tensor([len(tiles) for tiles in lists], dtype=torch.int32)
+        _schedules[key] = (table.to(device), rounds.to(device))
+    return _schedules[key]
 
 
 @gluon.jit
-def _program_tiles(total):
-    """(rounds this program takes a tile in, programs): the tile of round r is
-    ``_round_tile(r, programs)``; the last round may be short, and then only some programs take part."""
-    programs = gl.num_programs(0)
-    rounds = gl.cdiv(total, programs)
-    last = _round_tile(rounds - 1, programs)
-    return rounds - 1 + (last < total).to(gl.int32), programs
-
-
-@gluon.jit
-def _round_tile(r, programs):
-    """Launch-order position of this program's tile in round r (reversed order in odd rounds)."""
-    pid = gl.program_id(0)
-    return r * programs + pid + (r % 2) * (programs - 1 - 2 * pid)
-
-
-@gluon.jit
-def _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k, sections, chunks, causal, TILE_M: gl.constexpr,
-             TILE_N: gl.constexpr):
-    """(batch, KV head, chunk, first key, lo, mid) of this program's tile in round r."""
-    batch, kv_head, chunk, pid_n = _key_tile(_round_tile(r, programs), num_n, n_chunks, kv_heads, sections, chunks)
-    start_n = pid_n * (2 * TILE_N)
+def _scheduled_tile(tile, num_n, kv_heads, n_q, n_k, causal, TILE_M: gl.constexpr, TILE_N: gl.constexpr):
+    """(batch, KV head, chunk, first key, lo, mid) of schedule entry ``tile``."""
+    chunk = tile // num_n
+    start_n = (tile - chunk * num_n) * (2 * TILE_N)
     lo, mid = _query_range(start_n, n_q, n_k, TILE_M, TILE_N, causal)
-    return batch, kv_head, chunk, start_n, lo, mid
+    return chunk // kv_heads, chunk % kv_heads, chunk, start_n, lo, mid
 
 
 @gluon.jit
 def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
-                   empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                   empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
                    qk_scale, sm_scale):
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = q_smem.type.shape[0]
     KV_SETS: gl.constexpr = k_smem.type.shape[0] // 2
-    rounds, programs = _program_tiles(total)
-    n_chunks = total // num_n
+    row = Schedule + gl.program_id(0) * max_rounds
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
-    for r in range(rounds):
-        batch, kv_head, chunk, start_n, lo, mid = _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k,
-                                                           sections, chunks, causal, TILE_M, TILE_N)
+    for r in range(gl.load(Rounds + gl.program_id(0))):
+        batch, kv_head, chunk, start_n, lo, mid = _scheduled_tile(gl.load(row + r), num_n, kv_heads, n_q, n_k,
+                                                                  causal, TILE_M, TILE_N)
         kv = r % KV_SETS
         # A fresh mbarrier counts as having completed the phase before its first.
         mbarrier.wait(kv_empty.index(kv), ((r // KV_SETS) & 1) ^ 1)
@@ -355,8 +391,8 @@ def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_s
 
 
 @gluon.jit
-def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
-                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, WG: gl.constexpr,
+def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
+                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, WG: gl.constexpr,
                   PREFETCH: gl.constexpr):
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     HEAD: gl.constexpr = q_smem.type.shape[-1]
@@ -367,13 +403,16 @@ def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, em
     rows_s = gl.arange(0, TILE_N, layout=gl.SliceLayout(1, s_layout))
     rows_acc = gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
-    rounds, programs = _program_tiles(total)
-    n_chunks = total // num_n
     heads = kv_heads * group
+    row = Schedule + gl.program_id(0) * max_rounds
+    rounds = gl.load(Rounds + gl.program_id(0))
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
+    upcoming = gl.load(row)  # each tile's entry is read one tile ahead, off the critical path
     for r in range(rounds):
-        batch, kv_head, chunk, start_n, lo, mid = _tile_of(r, programs, num_n, n_chunks, kv_heads, n_q, n_k,
-                                                           sections, chunks, causal, TILE_M, TILE_N)
+        tile = upcoming
+        upcoming = gl.load(row + gl.minimum(r + 1, rounds - 1))
+        batch, kv_head, chunk, start_n, lo, mid = _scheduled_tile(tile, num_n, kv_heads, n_q, n_k, causal, TILE_M,
+                                                                  TILE_N)
         kv = r % KV_SETS
         k_tile = k_smem.index(2 * kv + WG).reshape([TILE_N, HEAD])
         v_tile = v_smem.index(2 * kv + WG).reshape([TILE_N, HEAD])
@@ -404,44 +443,44 @@ def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, em
 
 @gluon.jit
 def _pbwd_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
-                    empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                    empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
                     qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
-                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 0, True)
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
+                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 0, True)
 
 
 @gluon.jit
 def _pbwd_consumer0_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
-                               ready, empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections,
-                               chunks, causal, qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
-                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 0, False)
+                               ready, empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads,
+                               group, num_n, causal, qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
+                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 0, False)
 
 
 @gluon.jit
 def _pbwd_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
-                    empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections, chunks, causal,
+                    empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
                     qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
-                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 1, True)
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
+                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 1, True)
 
 
 @gluon.jit
 def _pbwd_consumer1_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
-                               ready, empty, DK, DV, Lse, Delta, n_q, n_k, kv_heads, group, total, num_n, sections,
-                               chunks, causal, qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, n_q, n_k,
-                  kv_heads, group, total, num_n, sections, chunks, causal, qk_scale, sm_scale, 1, False)
+                               ready, empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads,
+                               group, num_n, causal, qk_scale, sm_scale):
+    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
+                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 1, False)
 
 
 @gluon.jit
 def _attn_bwd_dkdv_ws_persistent(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+    Q, K, V, DO, Lse, Delta, DK, DV, Schedule, Rounds,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dn,
-    batch, n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
+    batch, n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, max_rounds,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     KV_SETS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     PREFETCH: gl.constexpr,
@@ -449,7 +488,6 @@ def _attn_bwd_dkdv_ws_persistent(
     dtype: gl.constexpr = Q.dtype.element_ty
     heads = kv_heads * GROUP
     num_n = gl.cdiv(n_k, 2 * BLOCK_N)
-    total = batch * kv_heads * num_n
     # Four-dimensional descriptors over the whole inputs, made once: a program's tiles span batch
     # entries and heads. The copy engine zero-fills rows past n_q or n_k within each head.
     qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, HEAD_DIM], dtype)
@@ -472,15 +510,13 @@ def _attn_bwd_dkdv_ws_persistent(
     ready, empty = buffer_barriers(STAGES)
 
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK,
-            DV, Lse, Delta, n_q, n_k, kv_heads, GROUP, total, num_n, SECTION_PROGRAMS, SECTION_CHUNKS, CAUSAL,
-            qk_scale, sm_scale)
+            DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, GROUP, num_n, CAUSAL, qk_scale, sm_scale)
     if PREFETCH:
         gl.warp_specialize([(_pbwd_consumer0, args), (_pbwd_consumer1, args), (_pbwd_producer, args)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([(_pbwd_consumer0_noprefetch, args), (_pbwd_consumer1_noprefetch, args),
                             (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
 
 def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
            sections: dict, persistent: bool = False) -> None:
@@ -499,9 +535,11 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     if persistent:
         stages, prefetch, kv_sets = PERSISTENT_SETTINGS[bool(causal)]
         programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        schedule, rounds = persistent_schedule(batch, kv_heads, n_q, n_k, heads // kv_heads, causal, programs,
+                                               sections, q.device)
         _attn_bwd_dkdv_ws_persistent[(programs,)](
-            q, k, v, grad_out, lse, delta, dk, dv, *strides, batch, n_q, n_k, kv_heads, heads // kv_heads, qk_scale,
-            sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, KV_SETS=kv_sets,
+            q, k, v, grad_out, lse, delta, dk, dv, schedule, rounds, *strides, batch, n_q, n_k, kv_heads,
+            heads // kv_heads, qk_scale, sm_scale, schedule.shape[1], STAGES=stages, KV_SETS=kv_sets,
             PREFETCH=prefetch, **common,
         )
         return

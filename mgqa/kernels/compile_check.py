@@ -35,6 +35,7 @@ from mgqa.kernels import attention_bwd, attention_fwd
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
 FP32_POINTERS = ("Lse", "Delta", "DQ_ACC")
+INT32_POINTERS = ("Schedule", "Rounds")  # the persistent dK/dV kernel's tile lists
 
 
 def _constexpr_defaults(fn) -> dict:
@@ -50,7 +51,7 @@ def _signature(jit_fn, constexprs: dict) -> dict[str, str]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in INT_ARGS_UPPER:
-            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS else "*bf16"
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig
