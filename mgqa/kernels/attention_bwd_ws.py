@@ -292,7 +292,8 @@ PERSISTENT_SETTINGS = {False: (4, True, 1), True: (3, False, 2)}
 MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
 # A tile's set-up (K/V load, first Q/dO, dK/dV stores) in query steps, for the schedule's cost model.
 TILE_SETUP_STEPS = 2
-_schedules: dict = {}  # launch parameters -> (schedule, rounds) on the device
+_schedules: dict = {}  # launch parameters -> (schedule, rounds) on the device, the newest MAX_SCHEDULES
+MAX_SCHEDULES = 64
 
 
 def launch_order(num_n: int, n_chunks: int, section_programs: int, section_chunks: int) -> list[tuple[int, int]]:
@@ -341,6 +342,8 @@ def persistent_schedule(batch: int, kv_heads: int, n_q: int, n_k: int, group: in
         for program, tiles in enumerate(lists):
             table[program, :len(tiles)] = torch.tensor([order[t][0] * num_n + order[t][1] for t in tiles])
         rounds = torch.tensor([len(tiles) for tiles in lists], dtype=torch.int32)
+        if len(_schedules) >= MAX_SCHEDULES:  # many shapes (e.g. evaluation at varying lengths)
+            _schedules.pop(next(iter(_schedules)))
         _schedules[key] = (table.to(device), rounds.to(device))
     return _schedules[key]
 

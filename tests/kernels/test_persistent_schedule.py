@@ -70,3 +70,12 @@ def test_persistent_schedule_lists_every_tile_once(causal):
     # Cached: the same launch reuses the same tensors.
     again = ws.persistent_schedule(batch, kv_heads, n_q, n_k, group, causal, programs, sections, "cpu")
     assert again[0] is schedule and again[1] is rounds
+
+
+def test_persistent_schedule_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ws, "_schedules", {})
+    monkeypatch.setattr(ws, "MAX_SCHEDULES", 3)
+    sections = {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1}
+    for n in range(100, 600, 100):
+        ws.persistent_schedule(1, 2, n, n, 2, True, 3, sections, "cpu")
+    assert [key[2] for key in ws._schedules] == [300, 400, 500]  # the newest three shapes
