@@ -33,9 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mgqa.kernels import attention as mgqa_kernels
 
-# The flags as set by their environment variables (MGQA_TRITON_*); each variant overrides some.
-DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name)
-                 for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL", "BWD_IMPL", "DQ_IMPL")}
+# The flags as set by their environment variables (MGQA_TRITON_*) or module defaults; each variant
+# overrides some.
+DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL",
+                                                                "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS")}
 
 TOKENS = 16384
 HEADS = 32
@@ -103,6 +104,7 @@ MGQA_VARIANTS = {
     "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
     "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14)
+    "mgqa_ws_split_bwd": {"WS_BWD_MAX_SPLITS": 64},  # the Gluon dK/dV kernel splits the group where short (v15)
     "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
 }
 

@@ -161,9 +161,12 @@ _gluon_modules: dict = {}  # module name -> the module once imported, or why it 
 # 2k, and gains from 4k. Tests lower both.
 WS_MIN_KEYS = 2048
 WS_MIN_KEYS_CAUSAL = 4096
-# The Gluon dK/dV kernel has no group split: below this many programs per SM the tl kernel, which
-# splits the group to fill the GPU, runs instead. Tests set it to 0.
+# Below this many programs per SM the Gluon dK/dV kernel splits the query group over more programs
+# (float32 partials, summed afterwards), at most WS_BWD_MAX_SPLITS ways; where that is not enough the
+# tl kernel, which splits the group too, runs instead. Tests set the minimum to 0. The split Gluon
+# kernel (bench/NOTES.md, v15) is not yet measured, so by default it does not split.
 WS_BWD_MIN_PROGRAMS_PER_SM = 2
+WS_BWD_MAX_SPLITS = 1
 
 
 GLUON_MIN_TRITON = (3, 6)  # the Gluon API these kernels are written against (run on 3.6, compiled on 3.8)
@@ -221,15 +224,27 @@ def ws_dq_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: to
 
 def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
     """None if the deterministic backward's dK/dV runs the warp-specialised Gluon kernel, else why not."""
+    return _ws_backward_plan(q, k, v, grad_out)[1]
+
+
+def _ws_backward_plan(q, k, v, grad_out) -> tuple[int, Optional[str]]:
+    """(group splits, None) if the deterministic backward's dK/dV runs the Gluon kernel, else (0, why not)."""
     module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", "auto" if BWD_IMPL == "persistent" else BWD_IMPL,
                                    "attention_bwd_ws", q, k, v, grad_out)
-    if reason is None:
-        # No group split: with few programs the tl kernel's split over the group fills the GPU better.
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        programs = q.shape[0] * k.shape[1] * triton.cdiv(k.shape[2], 2 * module.BLOCK_N)
-        if programs < WS_BWD_MIN_PROGRAMS_PER_SM * sms:
-            reason = f"{programs} key-block programs (fewer than {WS_BWD_MIN_PROGRAMS_PER_SM} per SM)"
-    return reason
+    if reason is not None:
+        return 0, reason
+    # With few programs the tl kernel's split over the group fills the GPU better, unless the Gluon
+    # kernel may split the group too (WS_BWD_MAX_SPLITS; not the persistent variant).
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    batch, kv_heads, n_k = q.shape[0], k.shape[1], k.shape[2]
+    max_splits = 1 if BWD_IMPL == "persistent" else WS_BWD_MAX_SPLITS
+    splits = module.group_splits(batch, kv_heads, n_k, q.shape[1] // kv_heads, WS_BWD_MIN_PROGRAMS_PER_SM * sms,
+                                 max_splits)
+    if splits == 0:
+        programs = batch * kv_heads * triton.cdiv(n_k, 2 * module.BLOCK_N)
+        return 0, (f"{programs} key-block programs (fewer than {WS_BWD_MIN_PROGRAMS_PER_SM} per SM"
+                   f"{f' with up to {max_splits} group splits' if max_splits > 1 else ''})")
+    return splits, None
 
 
 # Which kernels take the sectioned order ("fwd", "dq", "dkdv"); the others keep the grid order.
@@ -358,11 +373,12 @@ def attention_backward(
             **_sections("dq", causal, 2 * n_k * head_dim * q.element_size(), q.device), **meta,
         )
 
-    if not atomic_dq and ws_backward_reason(q, k, v, grad_out) is None:
-        group_bytes = 2 * meta["GROUP"] * n_q * head_dim * q.element_size()  # one chunk's Q/dO
+    ws_splits = 0 if atomic_dq else _ws_backward_plan(q, k, v, grad_out)[0]
+    if ws_splits:
+        group_bytes = 2 * meta["GROUP"] // ws_splits * n_q * head_dim * q.element_size()  # one chunk's Q/dO
         _gluon_module("attention_bwd_ws").launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
                                                  _sections("dkdv", causal, group_bytes, q.device),
-                                                 persistent=BWD_IMPL == "persistent")
+                                                 persistent=BWD_IMPL == "persistent", splits=ws_splits)
         return dq, dk, dv
 
     def grid_kv(cfg):

@@ -238,14 +238,18 @@ def _attn_bwd_dkdv_ws(
     n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
+    SPLITS: gl.constexpr = 1,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
+    # A chunk is one (batch, KV head, group split); with SPLITS > 1, DK/DV are float32 partials
+    # (B, Hkv, SPLITS, Nk, D) that the launcher sums.
     num_n = gl.cdiv(n_k, 2 * BLOCK_N)
-    batch, kv_head, pid_bkv, pid_n = _key_tile(gl.program_id(0), num_n, gl.num_programs(0) // num_n, kv_heads,
-                                               SECTION_PROGRAMS, SECTION_CHUNKS)
+    batch, sub, pid_bkv, pid_n = _key_tile(gl.program_id(0), num_n, gl.num_programs(0) // num_n,
+                                           kv_heads * SPLITS, SECTION_PROGRAMS, SECTION_CHUNKS)
+    kv_head = sub // SPLITS
     start_n = pid_n * (2 * BLOCK_N)
     heads = kv_heads * GROUP
-    head0 = kv_head * GROUP
+    head0 = kv_head * GROUP + (sub % SPLITS) * (GROUP // SPLITS)
     bh0 = batch * heads + head0
 
     qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_DIM], dtype)
@@ -270,7 +274,7 @@ def _attn_bwd_dkdv_ws(
 
     out_row0 = pid_bkv.to(gl.int64) * n_k
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse,
-            Delta, start_n, lo, mid, n_q, n_k, head0, GROUP, bh0, qk_scale, sm_scale, out_row0)
+            Delta, start_n, lo, mid, n_q, n_k, head0, GROUP // SPLITS, bh0, qk_scale, sm_scale, out_row0)
     # Constexprs reach the partitions only as the choice of function.
     if PREFETCH:
         gl.warp_specialize([(_bwd_consumer0, args), (_bwd_consumer1, args), (_bwd_producer, args)],
@@ -521,13 +525,26 @@ def _attn_bwd_dkdv_ws_persistent(
         gl.warp_specialize([(_pbwd_consumer0_noprefetch, args), (_pbwd_consumer1_noprefetch, args),
                             (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
+def group_splits(batch: int, kv_heads: int, n_k: int, group: int, min_programs: int, max_splits: int) -> int:
+    """The fewest group splits (a power of two dividing ``group``, at most ``max_splits``) that give
+    ``min_programs`` key-tile programs; 0 if none does."""
+    splits = 1
+    while batch * kv_heads * splits * triton.cdiv(n_k, 2 * BLOCK_N) < min_programs:
+        if splits * 2 > max_splits or group % (splits * 2):
+            return 0
+        splits *= 2
+    return splits
+
+
 def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-           sections: dict, persistent: bool = False) -> None:
+           sections: dict, persistent: bool = False, splits: int = 1) -> None:
     """q, grad_out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; lse, delta (B, H, Nq) float32; dk, dv (B, Hkv, Nk, 128) contiguous; ``sections``
     the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order; ``persistent``: one program per SM
-    (``_attn_bwd_dkdv_ws_persistent``) instead of one per key tile. The caller has set Triton's
-    allocator (in-kernel descriptors need global scratch)."""
+    (``_attn_bwd_dkdv_ws_persistent``) instead of one per key tile; ``splits``: programs per
+    (batch, KV head, key tile), each summing over its share of the group into a float32 partial
+    (``group_splits``; not with ``persistent``). The caller has set Triton's allocator (in-kernel
+    descriptors need global scratch)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     tiles = batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N)
@@ -547,7 +564,15 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
         )
         return
     stages, prefetch = SETTINGS[bool(causal)]
-    _attn_bwd_dkdv_ws[(tiles,)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, n_q, n_k, kv_heads, heads // kv_heads, qk_scale, sm_scale,
-        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, PREFETCH=prefetch, **common,
+    dk_out, dv_out = dk, dv
+    if splits > 1:
+        dk_out = torch.empty((batch, kv_heads, splits, n_k, head_dim), dtype=torch.float32, device=q.device)
+        dv_out = torch.empty_like(dk_out)
+    _attn_bwd_dkdv_ws[(tiles * splits,)](
+        q, k, v, grad_out, lse, delta, dk_out, dv_out, *strides, n_q, n_k, kv_heads, heads // kv_heads, qk_scale,
+        sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, PREFETCH=prefetch,
+        SPLITS=splits, **common,
     )
+    if splits > 1:  # a fixed-order sum: deterministic
+        dk.copy_(dk_out.sum(dim=2))
+        dv.copy_(dv_out.sum(dim=2))

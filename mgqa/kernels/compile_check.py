@@ -51,7 +51,9 @@ def _signature(jit_fn, constexprs: dict) -> dict[str, str]:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in INT_ARGS_UPPER:
-            sig[name] = "*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS else "*bf16"
+            split_partial = name in ("DK", "DV") and constexprs.get("SPLITS", 1) > 1  # float32 partials
+            sig[name] = ("*fp32" if name in FP32_POINTERS or split_partial else "*i32" if name in INT32_POINTERS
+                         else "*bf16")
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig
@@ -77,19 +79,21 @@ def variants():
 
 
 def ws_variants():
-    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV (one program per key tile, and
-    persistent) and dQ, causal and not, as their ``launch`` functions run them."""
+    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV (one program per key tile,
+    persistent, and split over the group) and dQ, causal and not, as their ``launch`` functions run them."""
     from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
 
     for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
                         ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
+                        ("dkdvsplitws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
         for causal in (0, 1):
             constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
                           "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
-            if tag == "dkdvws":
+            if tag in ("dkdvws", "dkdvsplitws"):
                 constexprs["STAGES"], constexprs["PREFETCH"] = ws.SETTINGS[bool(causal)]
+                constexprs["SPLITS"] = 4 if tag == "dkdvsplitws" else 1  # 4: group splits, float32 partials
             elif tag == "dkdvpws":
                 constexprs["STAGES"], constexprs["PREFETCH"], constexprs["KV_SETS"] = \
                     ws.PERSISTENT_SETTINGS[bool(causal)]
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'variant':24s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s} {'spill B':>8s} {'serialised':>10s}")
+    print(f"{'variant':28s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s} {'spill B':>8s} {'serialised':>10s}")
     builds = list(variants())
     if args.arch == 90:
         builds += list(ws_variants())
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel = triton.compile(source, target=target, options=options)
         except Exception as err:  # report every variant, then fail
             failed += 1
-            print(f"{name:24s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            print(f"{name:28s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
         ptx = kernel.asm["ptx"]
         wgmma, tma = ptx.count("wgmma.mma_async"), ptx.count("cp.async.bulk.tensor")
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith(("fwdws", "dqws")) and spills not in ("0", "-"):
             failed += 1
             name += " (spills)"
-        print(f"{name:24s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")
+        print(f"{name:28s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")
         if args.ptx_dir is not None:
             args.ptx_dir.mkdir(parents=True, exist_ok=True)
             (args.ptx_dir / ("_".join(name.split(" (")[0].split()).replace("=", "") + ".ptx")).write_text(ptx)

@@ -448,6 +448,10 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert kernels.ws_forward_reason(q, short, short, False, 0.088) is None
     mqa = _FakeCudaTensor(4, 1, 4096, 128)  # 4 x 1 x 32 key blocks: under two per SM
     assert "128 key-block programs" in kernels.ws_backward_reason(q, mqa, mqa, q)
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 8)  # four splits of the group of 32 fill it
+    assert kernels._ws_backward_plan(q, mqa, mqa, q) == (4, None)
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 2)
+    assert "with up to 2 group splits" in kernels.ws_backward_reason(q, mqa, mqa, q)
     q64, k64 = _FakeCudaTensor(4, 32, 4096, 64), _FakeCudaTensor(4, 8, 4096, 64)
     for reason in (kernels.ws_forward_reason(q64, k64, k64, True, 0.125), kernels.ws_backward_reason(q64, k64, k64, q64),
                    kernels.ws_dq_reason(q64, k64, k64, q64)):
@@ -603,15 +607,51 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
     """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent) or dQ kernel (it
     also writes delta for dK/dV) runs these inputs; dq, dk, dv match the tl backward's, and
     forward+backward through it matches the float64 reference."""
-    flag, value, reason_of = {"dkdv": ("BWD_IMPL", "auto", kernels.ws_backward_reason),
-                              "dkdv_persistent": ("BWD_IMPL", "persistent", kernels.ws_backward_reason),
-                              "dq": ("DQ_IMPL", "auto", kernels.ws_dq_reason)}[kind]
-    monkeypatch.setattr(kernels, flag, value)
+    flag, value = {"dkdv": ("BWD_IMPL", "auto"), "dkdv_persistent": ("BWD_IMPL", "persistent"),
+                   "dq": ("DQ_IMPL", "auto")}[kind]
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
-    if kind == "dkdv_persistent" and n_k < 1024:
-        # Few programs, so that each walks several tiles: rounds in both orders, a short last round,
-        # both K/V buffer sets.
-        monkeypatch.setattr(kernels._gluon_module("attention_bwd_ws"), "MAX_PROGRAMS", 3)
+    module = kernels._gluon_module("attention_bwd_ws")
+    if kind == "dkdv_persistent" and n_k < 1024 and not isinstance(module, str):
+        # Few programs, so that each walks several tiles, some more than others, through both K/V
+        # buffer sets.
+        monkeypatch.setattr(module, "MAX_PROGRAMS", 3)
+    reason_of = kernels.ws_dq_reason if kind == "dq" else kernels.ws_backward_reason
+    _check_gluon_backward(monkeypatch, flag, value, reason_of, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", [
+    (1, 8, 2, 37, 37, True),
+    (2, 8, 1, 100, 300, True),
+    (1, 4, 1, 191, 4097, False),
+])
+def test_gpu_warp_specialised_backward_split_over_the_group(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal,
+                                                            dtype):
+    """Where there are too few key tiles, the Gluon dK/dV kernel may split each group over several
+    programs (float32 partials, summed afterwards): here as many splits as the group has heads."""
+    group = heads // kv_heads
+    tiles = batch * kv_heads * triton.cdiv(n_k, 128)
+    if CUDA:  # exactly group x tiles programs needed: the most splits
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", (group * tiles - 0.5) / sms)
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", group)
+
+    def reason_of(q, k, v, grad_out):
+        splits, reason = kernels._ws_backward_plan(q, k, v, grad_out)
+        assert reason is not None or splits == group
+        return reason
+
+    _check_gluon_backward(monkeypatch, "WS_BWD_MAX_SPLITS", group, reason_of, "dkdv_split", batch, heads, kv_heads,
+                          n_q, n_k, causal, dtype, off=1)
+
+
+def _check_gluon_backward(monkeypatch, flag, value, reason_of, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype,
+                          off="tl"):
+    """With kernels.<flag> = value a Gluon backward kernel runs (reason_of says none is missing);
+    with <flag> = off the tl one does; both agree, and the Gluon path matches float64."""
+    monkeypatch.setattr(kernels, flag, value)
     q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
     grad_out = torch.randn(q.shape, dtype=dtype, device=DEVICE)
     reason = reason_of(q, k, v, grad_out)
@@ -622,7 +662,7 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
     scale = 128 ** -0.5
     out, lse = kernels.attention_forward(q, k, v, causal, scale)
     ws = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-    monkeypatch.setattr(kernels, flag, "tl")
+    monkeypatch.setattr(kernels, flag, off)
     tl_grads = kernels.attention_backward(grad_out, q, k, v, out, lse, causal, scale)
     monkeypatch.setattr(kernels, flag, value)
     for name, a, b in zip(("dq", "dk", "dv"), ws, tl_grads):

@@ -1,6 +1,6 @@
-"""The host-side tile lists of the persistent Gluon dK/dV kernel (attention_bwd_ws.persistent_schedule):
-every key tile exactly once, in the one-tile-per-program launch order, spread so that the programs
-finish together."""
+"""What the host plans for the Gluon dK/dV kernel (attention_bwd_ws): the persistent variant's tile
+lists (every key tile exactly once, in the one-tile-per-program launch order, spread so that the
+programs finish together) and the group splits of short launches."""
 
 import pytest
 import torch
@@ -79,3 +79,15 @@ def test_persistent_schedule_cache_is_bounded(monkeypatch):
     for n in range(100, 600, 100):
         ws.persistent_schedule(1, 2, n, n, 2, True, 3, sections, "cpu")
     assert [key[2] for key in ws._schedules] == [300, 400, 500]  # the newest three shapes
+
+
+@pytest.mark.parametrize("batch,kv_heads,n_k,group,max_splits,expected", [
+    (4, 8, 4096, 4, 8, 1),  # 1024 key tiles: enough without a split
+    (4, 1, 4096, 32, 8, 4),  # MQA: 128 tiles, 512 with four splits
+    (4, 1, 4096, 32, 2, 0),  # not allowed enough splits: the tl kernel runs
+    (1, 1, 1024, 6, 8, 0),  # 8 tiles; splits must divide the group of 6 (2 does, 4 does not)
+    (4, 2, 8192, 1, 8, 1),  # MHA cannot split; 512 tiles need no split
+    (1, 2, 4096, 1, 8, 0),  # MHA with 64 tiles: the tl kernel runs
+])
+def test_group_splits_are_the_fewest_that_fill_the_gpu(batch, kv_heads, n_k, group, max_splits, expected):
+    assert ws.group_splits(batch, kv_heads, n_k, group, 264, max_splits) == expected
