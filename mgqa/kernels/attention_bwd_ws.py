@@ -553,6 +553,8 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     common = dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS,
                   PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG)
     if persistent:
+        if splits != 1:
+            raise ValueError(f"splits={splits}: the persistent dK/dV kernel does not split the query group")
         stages, prefetch, kv_sets = PERSISTENT_SETTINGS[bool(causal)]
         programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
         schedule, rounds = persistent_schedule(batch, kv_heads, n_q, n_k, heads // kv_heads, causal, programs,
