@@ -82,7 +82,8 @@ def _query_range(start_n, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV,
                   Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
-    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers.
+    # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
+    # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[2]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
     NSTAGES: gl.constexpr = q_smem.type.shape[0]
@@ -170,8 +171,10 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
 
 
 @gluon.jit
-def _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
-                 n_k, group, bh0, qk_scale, sm_scale, out_row0, WG: gl.constexpr, PREFETCH: gl.constexpr):
+def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+    _, _, _, _, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q, \
+        n_k, _, group, bh0, qk_scale, sm_scale, out_row0 = args
     TILE_M: gl.constexpr = q_smem.type.shape[2]
     HEAD: gl.constexpr = q_smem.type.shape[3]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -198,34 +201,6 @@ def _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, 
     key_ok = (keys < n_k)[:, None]
     gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
     gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
-
-
-@gluon.jit
-def _bwd_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
-                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
-    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
-                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 0, True)
-
-
-@gluon.jit
-def _bwd_consumer0_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
-                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
-    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
-                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 0, False)
-
-
-@gluon.jit
-def _bwd_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
-                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
-    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
-                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 1, True)
-
-
-@gluon.jit
-def _bwd_consumer1_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK,
-                   DV, Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
-    _bwd_consume(q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q,
-                 n_k, group, bh0, qk_scale, sm_scale, out_row0, 1, False)
 
 
 @gluon.jit
@@ -275,13 +250,10 @@ def _attn_bwd_dkdv_ws(
     out_row0 = pid_bkv.to(gl.int64) * n_k
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse,
             Delta, start_n, lo, mid, n_q, n_k, head0, GROUP // SPLITS, bh0, qk_scale, sm_scale, out_row0)
-    # Constexprs reach the partitions only as the choice of function.
-    if PREFETCH:
-        gl.warp_specialize([(_bwd_consumer0, args), (_bwd_consumer1, args), (_bwd_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([(_bwd_consumer0_noprefetch, args), (_bwd_consumer1_noprefetch, args),
-                            (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
+    # them into run-time values).
+    gl.warp_specialize([(_bwd_consume, (args, 0, PREFETCH)), (_bwd_consume, (args, 1, PREFETCH)),
+                        (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # The persistent variant (MGQA_TRITON_BWD_IMPL=persistent, bench/NOTES.md v14): one program per SM
@@ -398,9 +370,10 @@ def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_s
 
 
 @gluon.jit
-def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
-                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, WG: gl.constexpr,
-                  PREFETCH: gl.constexpr):
+def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+    _, _, _, _, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule, \
+        Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
@@ -449,38 +422,6 @@ def _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, em
 
 
 @gluon.jit
-def _pbwd_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
-                    empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
-                    qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
-                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 0, True)
-
-
-@gluon.jit
-def _pbwd_consumer0_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
-                               ready, empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads,
-                               group, num_n, causal, qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
-                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 0, False)
-
-
-@gluon.jit
-def _pbwd_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
-                    empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
-                    qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
-                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 1, True)
-
-
-@gluon.jit
-def _pbwd_consumer1_noprefetch(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty,
-                               ready, empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads,
-                               group, num_n, causal, qk_scale, sm_scale):
-    _pbwd_consume(q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule,
-                  Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, 1, False)
-
-
-@gluon.jit
 def _attn_bwd_dkdv_ws_persistent(
     Q, K, V, DO, Lse, Delta, DK, DV, Schedule, Rounds,
     stride_qb, stride_qh, stride_qn,
@@ -518,12 +459,10 @@ def _attn_bwd_dkdv_ws_persistent(
 
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK,
             DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, GROUP, num_n, CAUSAL, qk_scale, sm_scale)
-    if PREFETCH:
-        gl.warp_specialize([(_pbwd_consumer0, args), (_pbwd_consumer1, args), (_pbwd_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([(_pbwd_consumer0_noprefetch, args), (_pbwd_consumer1_noprefetch, args),
-                            (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
+    # them into run-time values).
+    gl.warp_specialize([(_pbwd_consume, (args, 0, PREFETCH)), (_pbwd_consume, (args, 1, PREFETCH)),
+                        (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 def group_splits(batch: int, kv_heads: int, n_k: int, group: int, min_programs: int, max_splits: int) -> int:
     """The fewest group splits (a power of two dividing ``group``, at most ``max_splits``) that give

@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program, stream_kv,
+    head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_program, stream_kv,
     register_operand_layout, wgmma_layout,
 )
 
@@ -44,7 +44,8 @@ def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, in
 @gluon.jit
 def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
-    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers.
+    # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
+    # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     mbarrier.expect(qd_bar, 4 * q_desc.block_type.nbytes)
     for c in gl.static_range(2):
@@ -87,8 +88,10 @@ def _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, del
 
 
 @gluon.jit
-def _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
-                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, WG: gl.constexpr, CAUSAL: gl.constexpr):
+def _dq_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+    _, _, _, _, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start, \
+        n_blocks, n_q, n_k, row0, qk_scale, sm_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     HEAD: gl.constexpr = q_smem.type.shape[2]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -134,36 +137,6 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, 
 
 
 @gluon.jit
-def _dq_consumer0(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
-                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
-                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 0, False)
-
-
-@gluon.jit
-def _dq_consumer1(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
-                  O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
-                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 1, False)
-
-
-@gluon.jit
-def _dq_consumer0_causal(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready,
-                         kv_empty, O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale,
-                         sm_scale):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
-                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 0, True)
-
-
-@gluon.jit
-def _dq_consumer1_causal(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready,
-                         kv_empty, O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale,
-                         sm_scale):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start,
-                n_blocks, n_q, n_k, row0, qk_scale, sm_scale, 1, True)
-
-
-@gluon.jit
 def _attn_bwd_dq_ws(
     Q, K, V, DO, Out, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn,
@@ -187,23 +160,16 @@ def _attn_bwd_dq_ws(
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(qd_bar, count=1)
-    kv_ready, kv_empty = buffer_barriers(STAGES)
+    k_smem, v_smem, qd_bar, kv_ready, kv_empty = kv_ring(k_desc, v_desc, STAGES)
 
     row0 = (batch * heads + head).to(gl.int64) * n_q
     o_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, o_base,
             stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale)
-    # Constexprs reach the partitions only as the choice of function.
-    if CAUSAL:
-        gl.warp_specialize([(_dq_consumer0_causal, args), (_dq_consumer1_causal, args), (_dq_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([(_dq_consumer0, args), (_dq_consumer1, args), (_dq_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
+    # them into run-time values).
+    gl.warp_specialize([(_dq_consume, (args, 0, CAUSAL)), (_dq_consume, (args, 1, CAUSAL)), (_dq_producer, args)],
+                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def launch(q, k, v, grad_out, out, lse, delta, dq, causal: bool, qk_scale: float, sm_scale: float) -> None:

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, query_block_program, stream_kv,
+    head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_program, stream_kv,
     register_operand_layout, wgmma_layout,
 )
 
@@ -52,8 +52,8 @@ def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, in
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start,
                  n_blocks, n_q, n_k, out_row0, qk_scale):
-    # Constexprs passed to a partition arrive as run-time values: tile sizes come from the buffers,
-    # and each consumer variant is its own function.
+    # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
+    # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_bar, q_smem.index(0))
@@ -105,8 +105,10 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
 
 
 @gluon.jit
-def _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
-                qk_scale, WG: gl.constexpr, CAUSAL: gl.constexpr):
+def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0, \
+        qk_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     HEAD: gl.constexpr = q_smem.type.shape[2]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -168,34 +170,6 @@ def _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_s
 
 
 @gluon.jit
-def _ws_consumer0(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
-                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
-    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
-                qk_scale, 0, False)
-
-
-@gluon.jit
-def _ws_consumer0_causal(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
-                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
-    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
-                qk_scale, 0, True)
-
-
-@gluon.jit
-def _ws_consumer1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
-                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
-    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
-                qk_scale, 1, False)
-
-
-@gluon.jit
-def _ws_consumer1_causal(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse,
-                  q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
-    _ws_consume(q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0,
-                qk_scale, 1, True)
-
-
-@gluon.jit
 def _attn_fwd_ws(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qn,
@@ -215,21 +189,15 @@ def _attn_fwd_ws(
     _, n_blocks = key_blocks(q_start, 2 * BLOCK_M, n_q, n_k, BLOCK_N, CAUSAL)  # what both warpgroups need
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    kv_ready, kv_empty = buffer_barriers(STAGES)
+    k_smem, v_smem, q_bar, kv_ready, kv_empty = kv_ring(k_desc, v_desc, STAGES)
 
     out_row0 = (batch * heads + head).to(gl.int64) * n_q
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks,
             n_q, n_k, out_row0, qk_scale)
-    if CAUSAL:
-        gl.warp_specialize([(_ws_consumer0_causal, args), (_ws_consumer1_causal, args), (_ws_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([(_ws_consumer0, args), (_ws_consumer1, args), (_ws_producer, args)],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
+    # them into run-time values).
+    gl.warp_specialize([(_ws_consume, (args, 0, CAUSAL)), (_ws_consume, (args, 1, CAUSAL)), (_ws_producer, args)],
+                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def launch(q, k, v, out, lse, causal: bool, qk_scale: float) -> None:

@@ -113,6 +113,18 @@ def buffer_barriers(STAGES: gl.constexpr):
 
 
 @gluon.jit
+def kv_ring(k_desc, v_desc, STAGES: gl.constexpr):
+    """Shared memory of a query-block kernel after its query-side tiles, in this order: STAGES K and
+    V tiles, one barrier for the query-side loads, and the ring's (ready, empty) barriers."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    tiles_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(tiles_bar, count=1)
+    kv_ready, kv_empty = buffer_barriers(STAGES)
+    return k_smem, v_smem, tiles_bar, kv_ready, kv_empty
+
+
+@gluon.jit
 def stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks):
     """Producer loop: K/V blocks 0..n_blocks-1 into the ring of buffers, each refilled once both
     consumers have released it."""
