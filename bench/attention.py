@@ -104,7 +104,7 @@ MGQA_VARIANTS = {
     "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
     "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14)
-    "mgqa_ws_split_bwd": {"WS_BWD_MAX_SPLITS": 64},  # the Gluon dK/dV kernel splits the group where short (v15)
+    "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
     "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
 }
 

@@ -16,8 +16,9 @@ inputs' dtype. Rows past the end read zeros and lse = +inf, so P = 0 for them. T
 the tl kernel's sectioned one (``attention_common._key_block_program``).
 
 The launcher (``attention.attention_backward``) takes it for head_dim 128 in fp16/bf16 on sm_90 when
-there are at least two programs per SM (``unsupported_reason``, ``attention.ws_backward_reason``);
-dQ still comes from the tl dQ kernel. Gluon has no CPU interpreter: CPU CI compiles the kernel for
+there are at least two programs per SM, splitting the query group over up to
+``attention.WS_BWD_MAX_SPLITS`` programs to get there (``unsupported_reason``, ``group_splits``,
+``attention.ws_backward_reason``); dQ comes from the Gluon dQ kernel (``attention_dq_ws``). Gluon has no CPU interpreter: CPU CI compiles the kernel for
 sm_90 (tests/kernels/test_compile.py) and the GPU suite checks it against the tl backward.
 """
 

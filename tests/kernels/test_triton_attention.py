@@ -447,11 +447,18 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert "2048 keys" in kernels.ws_forward_reason(q, short, short, True, 0.088)  # causal needs 4k
     assert kernels.ws_forward_reason(q, short, short, False, 0.088) is None
     mqa = _FakeCudaTensor(4, 1, 4096, 128)  # 4 x 1 x 32 key blocks: under two per SM
-    assert "128 key-block programs" in kernels.ws_backward_reason(q, mqa, mqa, q)
-    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 8)  # four splits of the group of 32 fill it
-    assert kernels._ws_backward_plan(q, mqa, mqa, q) == (4, None)
+    assert kernels._ws_backward_plan(q, mqa, mqa, q) == (4, None)  # four splits of the group of 32 fill it
     monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 2)
     assert "with up to 2 group splits" in kernels.ws_backward_reason(q, mqa, mqa, q)
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 1)
+    assert kernels.ws_backward_reason(q, mqa, mqa, q).startswith("128 key-block programs (fewer than 2 per SM)")
+    monkeypatch.setattr(kernels, "BWD_IMPL", "persistent")  # which does not split
+    assert "128 key-block programs" in kernels.ws_backward_reason(q, mqa, mqa, q)
+    monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 8)
+    q1, tiny = _FakeCudaTensor(1, 32, 1024, 128), _FakeCudaTensor(1, 1, 1024, 128)  # 8 key blocks x 8 splits
+    assert "8 key-block programs (fewer than 2 per SM with up to 8 group splits)" in \
+        kernels.ws_backward_reason(q1, tiny, tiny, q1)
     q64, k64 = _FakeCudaTensor(4, 32, 4096, 64), _FakeCudaTensor(4, 8, 4096, 64)
     for reason in (kernels.ws_forward_reason(q64, k64, k64, True, 0.125), kernels.ws_backward_reason(q64, k64, k64, q64),
                    kernels.ws_dq_reason(q64, k64, k64, q64)):
