@@ -8,7 +8,8 @@ dimension is contiguous (other layouts are copied once). fp16 and bf16 use the t
 fp32 accumulation; fp32 inputs run with IEEE fp32 dots (exact but slow, meant for tests).
 
 The forward and backward are ``torch.library.custom_op``s with fake registrations, so the op
-traces under ``torch.compile(fullgraph=True)``.
+traces under ``torch.compile(fullgraph=True)``; eager calls run the same launchers through a plain
+``torch.autograd.Function``, which costs the host far less per call.
 """
 
 from __future__ import annotations
@@ -101,9 +102,22 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 USE_TMA = os.environ.get("MGQA_TRITON_TMA", "1") != "0"
 
 
+_DEVICE_INFO: dict = {}  # device -> (compute capability, SM count, L2 bytes), asked of the driver once
+
+
+def _device_info(device) -> tuple[tuple[int, int], int, int]:
+    """(capability, SMs, L2 bytes) of a CUDA device; the driver queries cost microseconds per launch."""
+    info = _DEVICE_INFO.get(device)
+    if info is None:
+        props = torch.cuda.get_device_properties(device)
+        info = _DEVICE_INFO[device] = (tuple(torch.cuda.get_device_capability(device)), props.multi_processor_count,
+                                       getattr(props, "L2_cache_size", 0))
+    return info
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     q = tensors[0]
-    if not USE_TMA or INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+    if not USE_TMA or INTERPRET or not q.is_cuda or _device_info(q.device)[0][0] < 9:
         return False
     head_dim, elem = q.shape[-1], q.element_size()
     if head_dim & (head_dim - 1):
@@ -205,7 +219,7 @@ def _gluon_reason(setting: str, value: str, name: str, *tensors: torch.Tensor, *
     if not _tma_ok(*tensors):
         return None, "tensor descriptors off (MGQA_TRITON_TMA=0) or layout unfit (16-byte aligned base and strides needed)"
     reason = module.unsupported_reason(q.shape[-1], str(q.dtype).removeprefix("torch."),
-                                       torch.cuda.get_device_capability(q.device), **case)
+                                       _device_info(q.device)[0], **case)
     return (None, reason) if reason else (module, None)
 
 
@@ -236,7 +250,7 @@ def _ws_backward_plan(q, k, v, grad_out) -> tuple[int, Optional[str]]:
         return 0, reason
     # With few programs the tl kernel's split over the group fills the GPU better, unless the Gluon
     # kernel may split the group too (WS_BWD_MAX_SPLITS; not the persistent variant).
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _device_info(q.device)[1]
     batch, kv_heads, n_k = q.shape[0], k.shape[1], k.shape[2]
     max_splits = 1 if BWD_IMPL == "persistent" else WS_BWD_MAX_SPLITS
     splits = module.group_splits(batch, kv_heads, n_k, q.shape[1] // kv_heads, WS_BWD_MIN_PROGRAMS_PER_SM * sms,
@@ -268,9 +282,9 @@ def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device)
         return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=FORCE_SECTION_CHUNKS)
     if INTERPRET or not torch.cuda.is_available():
         return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=3)  # small shapes: several chunks, a ragged last
-    props = torch.cuda.get_device_properties(device)
-    chunks = max(1, int(_SECTION_L2_SHARE * props.L2_cache_size) // max(chunk_bytes, 1))
-    return dict(SECTION_PROGRAMS=_SECTION_WAVES * props.multi_processor_count, SECTION_CHUNKS=chunks)
+    _, sms, l2_bytes = _device_info(device)
+    chunks = max(1, int(_SECTION_L2_SHARE * l2_bytes) // max(chunk_bytes, 1))
+    return dict(SECTION_PROGRAMS=_SECTION_WAVES * sms, SECTION_CHUNKS=chunks)
 
 
 def _dkdv_splits(batch: int, kv_heads: int, n_k: int, group: int, device: torch.device) -> int:
@@ -283,7 +297,7 @@ def _dkdv_splits(batch: int, kv_heads: int, n_k: int, group: int, device: torch.
         return FORCE_DKDV_SPLITS
     if INTERPRET or group == 1:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _device_info(device)[1]
     programs = batch * kv_heads * triton.cdiv(n_k, 128)
     splits = 1
     while programs * splits < 2 * sms and group % (splits * 2) == 0 and splits < 8:
@@ -459,6 +473,26 @@ def _backward(ctx, grad_out, _grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels as the custom ops, for eager mode: a custom op's dispatch costs about 0.6 ms
+    of host time per forward+backward (bench/host_overhead.py), which at short sequences is longer
+    than the kernels themselves and leaves the GPU waiting."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        out, lse = attention_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def triton_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: Optional[float] = None
 ) -> torch.Tensor:
@@ -470,5 +504,6 @@ def triton_attention(
     """
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _fwd_op(q, k, v, bool(causal), scale)
-    return out
+    if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
+        return _fwd_op(q, k, v, bool(causal), scale)[0]
+    return _EagerAttention.apply(q, k, v, bool(causal), scale)
