@@ -36,7 +36,8 @@ from mgqa.kernels import attention as mgqa_kernels
 # The flags as set by their environment variables (MGQA_TRITON_*) or module defaults; each variant
 # overrides some.
 DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL",
-                                                                "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS")}
+                                                                "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS",
+                                                                "SECTION_KERNELS")}
 
 TOKENS = 16384
 HEADS = 32
@@ -106,6 +107,8 @@ MGQA_VARIANTS = {
     "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14)
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
     "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
+    # the Gluon forward and dQ kernels in the sectioned causal launch order too
+    "mgqa_ws_sections": {"SECTION_KERNELS": ("dkdv", "ws_fwd", "ws_dq")},
 }
 
 IMPLS = {**{name: mgqa for name in MGQA_VARIANTS}, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),

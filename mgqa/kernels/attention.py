@@ -262,7 +262,8 @@ def _ws_backward_plan(q, k, v, grad_out) -> tuple[int, Optional[str]]:
     return splits, None
 
 
-# Which kernels take the sectioned order ("fwd", "dq", "dkdv"); the others keep the grid order.
+# Which kernels take the sectioned order (tl: "fwd", "dq", "dkdv"; Gluon: "ws_fwd", "ws_dq"; the Gluon
+# dK/dV kernel always does); the others keep the grid order.
 SECTION_KERNELS: tuple[str, ...] = ("dkdv",)
 FORCE_SECTION_CHUNKS: Optional[int] = None  # tests pin the chunks per section
 _SECTION_L2_SHARE = 0.65  # of the L2 cache, for the data a section's programs share
@@ -327,7 +328,9 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
     if ws_forward_reason(q, k, v, causal, scale) is None:
-        _gluon_module("attention_fwd_ws").launch(q, k, v, out, lse, causal, scale * math.log2(math.e))
+        kv_bytes = 2 * n_k * head_dim * q.element_size()
+        _gluon_module("attention_fwd_ws").launch(q, k, v, out, lse, causal, scale * math.log2(math.e),
+                                                 _sections("ws_fwd", causal, kv_bytes, q.device))
         return out, lse
     meta = _common_meta(q, k, causal)
 
@@ -374,7 +377,9 @@ def attention_backward(
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
         )
     elif ws_dq_reason(q, k, v, grad_out) is None:
-        _gluon_module("attention_dq_ws").launch(q, k, v, grad_out, out, lse, delta, dq, causal, qk_scale, scale)
+        _gluon_module("attention_dq_ws").launch(q, k, v, grad_out, out, lse, delta, dq, causal, qk_scale, scale,
+                                                _sections("ws_dq", causal, 2 * n_k * head_dim * q.element_size(),
+                                                          q.device))
     else:
         # The dQ kernel runs first: each of its programs owns a block of query rows, so it also
         # computes those rows' delta (sum_d O dO) for the dK/dV kernel, instead of a separate pass.

@@ -175,12 +175,13 @@ def _attn_fwd_ws(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    n_q, n_k, heads, GROUP, qk_scale,
+    n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
-    batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL)
+    batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL, SECTION_PROGRAMS,
+                                                           SECTION_CHUNKS)
 
     q_desc = head_rows_descriptor(Q, batch, head, stride_qb, stride_qh, stride_qn, n_q, BLOCK_M, HEAD_DIM)
     k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
@@ -200,16 +201,18 @@ def _attn_fwd_ws(
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def launch(q, k, v, out, lse, causal: bool, qk_scale: float) -> None:
+def launch(q, k, v, out, lse, causal: bool, qk_scale: float, sections: Optional[dict] = None) -> None:
     """Run the kernel: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
-    aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units.
-    The caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
+    aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units;
+    ``sections`` the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order (default: one chunk per
+    section). The caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
+    sections = sections or dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     grid = (batch * heads * triton.cdiv(n_q, 2 * BLOCK_M),)
     _attn_fwd_ws[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_q, n_k, heads, heads // kv_heads, qk_scale,
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

@@ -677,6 +677,36 @@ def test_gpu_warp_specialised_backward_split_over_the_group(monkeypatch, batch, 
                           n_q, n_k, causal, dtype, off=1)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_gpu_warp_specialised_sectioned_order_gives_identical_results(monkeypatch, chunks):
+    """The Gluon forward and dQ kernels in the sectioned causal launch order (a few (batch, KV head)
+    chunks per section; with 3 of the 4 chunks the last section is ragged) still compute every query
+    block once: out, lse and the gradients are bit-identical to the plain order's."""
+    monkeypatch.setattr(kernels, "WS_MIN_KEYS_CAUSAL", 1)
+    q, k, v = make_inputs(2, 8, 2, 700, 700, 128, torch.bfloat16, layout="strided")
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device=DEVICE)
+    scale = 128 ** -0.5
+    reasons = (kernels.ws_forward_reason(q, k, v, True, scale), kernels.ws_dq_reason(q, k, v, grad_out))
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert all(reason is not None for reason in reasons)
+        pytest.skip(f"the warp-specialised kernels do not run here: {reasons}")
+    assert reasons == (None, None)
+
+    def run():
+        out, lse = kernels.attention_forward(q, k, v, True, scale)
+        return (out, lse, *kernels.attention_backward(grad_out, q, k, v, out, lse, True, scale))
+
+    assert kernels._sections("ws_fwd", True, 1, q.device)["SECTION_CHUNKS"] == 1  # the plain order by default
+    plain = run()
+    monkeypatch.setattr(kernels, "SECTION_KERNELS", ("dkdv", "ws_fwd", "ws_dq"))
+    monkeypatch.setattr(kernels, "FORCE_SECTION_CHUNKS", chunks)
+    sectioned = run()
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), sectioned, plain):
+        assert torch.equal(a, b), name
+
+
 def _check_gluon_backward(monkeypatch, flag, value, reason_of, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype,
                           off="tl"):
     """With kernels.<flag> = value a Gluon backward kernel runs (reason_of says none is missing);
