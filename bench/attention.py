@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import sys
 import time
 from collections import defaultdict
 
@@ -113,6 +114,24 @@ MGQA_VARIANTS = {
 
 IMPLS = {**{name: mgqa for name in MGQA_VARIANTS}, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
          "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flex": flex}
+
+
+def parse_impls(parser: argparse.ArgumentParser, text: str, *extra: str) -> list[str]:
+    """The comma-separated implementation names of ``text``; an unknown one (there or in ``extra``)
+    is a usage error that names it and the choices."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in (*names, *extra) if name and name not in IMPLS]
+    if unknown:
+        parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
+    return names
+
+
+def cuda_missing(script: str) -> bool:
+    """True (after saying so on stderr) where there is no CUDA GPU for ``script`` to time."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} needs a CUDA GPU", file=sys.stderr)
+    return True
 
 
 def time_ms(fn, grads=None) -> float:
@@ -256,8 +275,10 @@ def main():
     parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes that compile every shape's kernels before timing (0: compile while timing)")
     args = parser.parse_args()
+    impls = parse_impls(parser, args.impls)
+    if cuda_missing("bench/attention.py"):
+        return 2
     torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
-    impls = [i for i in args.impls.split(",") if i]
     dtype = getattr(torch, args.dtype)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s", repeat=args.repeat,
@@ -281,7 +302,8 @@ def main():
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, TFLOP/s")
     print_table(rows, impls)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

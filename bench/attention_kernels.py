@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.attention import HEADS, IMPLS, TOKENS, make_inputs, set_mgqa_flags  # noqa: E402
+from bench.attention import HEADS, IMPLS, TOKENS, cuda_missing, make_inputs, parse_impls, set_mgqa_flags  # noqa: E402
 
 
 def parse_shape(text: str) -> tuple[int, int, int, bool]:
@@ -78,14 +78,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--json", default="attention_kernels.json", help="where to write the results")
     args = parser.parse_args()
-    names = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = [name for name in names if name not in IMPLS]
-    if unknown:
-        parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
+    names = parse_impls(parser, args.impls)
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
-    if not torch.cuda.is_available():
-        print("bench/attention_kernels.py needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench/attention_kernels.py"):
         return 2
     torch._dynamo.config.cache_size_limit = 256
 

@@ -31,7 +31,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.attention import HEADS, IMPLS, make_inputs, set_mgqa_flags  # noqa: E402
+from bench.attention import HEADS, IMPLS, cuda_missing, make_inputs, parse_impls, set_mgqa_flags  # noqa: E402
 from bench.attention_kernels import parse_shape  # noqa: E402
 
 
@@ -57,12 +57,10 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="an implementation whose host time to break down")
     parser.add_argument("--json", default="host_overhead.json", help="where to write the results")
     args = parser.parse_args()
-    names = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = [name for name in names + ([args.profile] if args.profile else []) if name not in IMPLS]
-    if unknown:
-        parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
-    if not torch.cuda.is_available():
-        print("bench/host_overhead.py needs a CUDA GPU", file=sys.stderr)
+    names = parse_impls(parser, args.impls, args.profile or "")
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
+    if cuda_missing("bench/host_overhead.py"):
         return 2
 
     rows = []

@@ -13,7 +13,6 @@ import json
 import math
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,20 +20,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.attention import cuda_missing  # noqa: E402
+from bench.host_overhead import enqueue_us  # noqa: E402
 from mgqa.kernels import attention as A  # noqa: E402
 from mgqa.kernels.attention import _gluon_module  # noqa: E402
-
-
-def enqueue_us(fn, calls: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(3e9))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 class _Passthrough(torch.autograd.Function):
@@ -118,13 +107,12 @@ def main() -> int:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
         parser.error(f"--lengths {args.lengths!r}: expected comma-separated integers")
-    if not torch.cuda.is_available():
-        print("bench/host_parts.py needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench/host_parts.py"):
         return 2
     rows = []
     for n in lengths:
         for name, fn in parts(16384 // n, 32, 8, n).items():
-            us = enqueue_us(fn)
+            us = enqueue_us(fn, 50)
             rows.append(dict(N=n, part=name, enqueue_us=us))
             print(f"N={n:5d} {name:48s} {us:8.1f} µs", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
