@@ -469,7 +469,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
+        raise RuntimeError("triton attention: gradients of gradients (create_graph=True) are not supported; "
+                           "use backend='sdpa' or 'reference' for double backward")
+
+
 def _backward(ctx, grad_out, _grad_lse):
+    _refuse_double_backward()
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
@@ -491,8 +498,8 @@ class _EagerAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None

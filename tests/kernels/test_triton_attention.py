@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
 import mgqa.ops
 from mgqa.kernels import attention as kernels
 from mgqa.kernels.attention_common import _key_block_program, _query_block_program
@@ -339,25 +342,47 @@ def test_custom_scale_and_ops_dispatch():
                             fn=lambda *a, **kw: mgqa.ops.attention(*a, backend="triton", **kw))
 
 
-def test_compiled_custom_op_matches_eager_bit_for_bit():
+@pytest.mark.parametrize("aot", [False, True])
+def test_compiled_custom_op_matches_eager_bit_for_bit(aot):
     """Eager calls take the autograd.Function, traced calls the mgqa:: custom ops; both launch the
-    same kernels, so output and gradients agree exactly (and the trace has no graph break)."""
+    same kernels, so output and gradients agree exactly (and the trace has no graph break). With
+    ``aot``, AOTAutograd also traces the backward through the ops' registered autograd formula, as
+    the default torch.compile backend does."""
     q, k, v = make_inputs(2, 4, 2, 19, 23, 32, torch.float16 if CUDA else torch.float32, layout="strided")
     grad_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     eager = forward_backward(kernels.triton_attention, q, k, v, grad_out, causal=True)
     ops_seen = []
 
-    def backend(graph, example_inputs):  # record the ops in the traced graph, then run it as is
+    def record(graph, example_inputs):  # record the ops in the traced graph, then run it as is
         ops_seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return graph.forward
+        return make_boxed_func(graph.forward) if aot else graph.forward
+
+    def backend(graph, example_inputs):
+        if not aot:
+            return record(graph, example_inputs)
+
+        return aot_autograd(fw_compiler=record, bw_compiler=record)(graph, example_inputs)
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v: kernels.triton_attention(q, k, v, causal=True), backend=backend,
                              fullgraph=True)
     traced = forward_backward(lambda q, k, v, causal: compiled(q, k, v), q, k, v, grad_out, causal=True)
     assert any("gqa_attention_fwd" in op for op in ops_seen), ops_seen
+    assert not aot or any("gqa_attention_bwd" in op for op in ops_seen), ops_seen
     for a, b in zip(traced, eager):
         assert torch.equal(a, b)
+
+
+def test_double_backward_is_refused():
+    """Gradients of gradients are not implemented: asking for them raises instead of returning
+    silently wrong values."""
+    q, k, v = make_inputs(1, 2, 1, 9, 9, 32, torch.float16 if CUDA else torch.float32)
+    for call in (kernels.triton_attention, lambda q, k, v, causal: kernels._fwd_op(q, k, v, causal, 0.2)[0]):
+        out = call(q, k, v, causal=True)  # eager (autograd.Function), then the custom op traced calls use
+        with pytest.raises(RuntimeError, match=r"gradients of gradients \(create_graph=True\) are not supported"):
+            torch.autograd.grad(out.sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(kernels.triton_attention(q, k, v, causal=True).sum(), q)  # first order still works
+    assert torch.isfinite(dq).all() and not dq.requires_grad
 
 
 def test_rows_without_keys_are_zero_with_zero_grad():
