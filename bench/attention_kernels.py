@@ -42,6 +42,16 @@ def parse_shape(text: str) -> tuple[int, int, int, bool]:
     return head_dim, kv_heads, n, bool(causal)
 
 
+def shape_parser(doc: str, calls: int, calls_help: str) -> argparse.ArgumentParser:
+    """The arguments this script shares with bench/host_overhead.py: --shapes, --impls, --calls."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("128,8,4096,1")],
+                        help="shapes as 'D,Hkv,N,causal', e.g. 128,8,4096,1 (batch = 16384 // N, H = 32)")
+    parser.add_argument("--impls", default="mgqa,sdpa_flash", help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--calls", type=int, default=calls, help=calls_help)
+    return parser
+
+
 def kernel_times(fn, q, k, v, do, causal, calls: int) -> dict[str, float]:
     """Mean GPU µs per forward+backward call, by kernel name."""
     grads = (q, k, v)
@@ -70,11 +80,7 @@ def short(name: str, width: int = 60) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("128,8,4096,1")],
-                        help="shapes as 'D,Hkv,N,causal', e.g. 128,8,4096,1 (batch = 16384 // N, H = 32)")
-    parser.add_argument("--impls", default="mgqa,sdpa_flash", help="comma-separated subset of " + ",".join(IMPLS))
-    parser.add_argument("--calls", type=int, default=5, help="profiled forward+backward calls per implementation")
+    parser = shape_parser(__doc__, 5, "profiled forward+backward calls per implementation")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--json", default="attention_kernels.json", help="where to write the results")
     args = parser.parse_args()

@@ -17,7 +17,6 @@ forward+backward (cProfile, cumulative).
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import json
 import platform
@@ -32,7 +31,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.attention import HEADS, IMPLS, cuda_missing, make_inputs, parse_impls, set_mgqa_flags  # noqa: E402
-from bench.attention_kernels import parse_shape  # noqa: E402
+from bench.attention_kernels import shape_parser  # noqa: E402
 
 
 def enqueue_us(step, calls: int) -> float:
@@ -49,11 +48,7 @@ def enqueue_us(step, calls: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("128,8,4096,1")],
-                        help="shapes as 'D,Hkv,N,causal', e.g. 128,8,4096,1 (batch = 16384 // N, H = 32)")
-    parser.add_argument("--impls", default="mgqa,sdpa_flash", help="comma-separated subset of " + ",".join(IMPLS))
-    parser.add_argument("--calls", type=int, default=20, help="calls per enqueue measurement")
+    parser = shape_parser(__doc__, 20, "calls per enqueue measurement")
     parser.add_argument("--profile", default=None, help="an implementation whose host time to break down")
     parser.add_argument("--json", default="host_overhead.json", help="where to write the results")
     args = parser.parse_args()
