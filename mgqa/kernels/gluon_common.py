@@ -11,6 +11,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
+from mgqa.kernels.attention_common import _query_block_program
+
 
 # Every Gluon kernel here runs 4 warps (consumer 0, the default partition) + 4 (consumer 1) + 1
 # producer, rounded up to 12 resident warps: maxnreg 168 x 12 x 32 fills the 64K registers at launch,
@@ -60,27 +62,13 @@ def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, in
 @gluon.jit
 def query_block_program(n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL: gl.constexpr, SECTION_PROGRAMS,
                         SECTION_CHUNKS):
-    """(batch, kv_head, head, first row) of this program on a 1-D grid of ROWS-row query blocks, in
-    the order of attention_common._query_block_program: sections of a few (batch, KV head) chunks;
-    within a section (query block, chunk, group member), the member fastest so that the programs
-    running at once share one KV head's K/V tiles through L2, and under a causal mask the last query
-    blocks (which see the most keys) first across the section. One chunk per section
-    (SECTION_CHUNKS = 1) is the plain (chunk, query block, member) order."""
-    num_m = gl.cdiv(n_q, ROWS)
-    per_kv = GROUP * num_m
-    pid = gl.program_id(0)
-    n_chunks = gl.num_programs(0) // per_kv
-    section = gl.maximum(gl.minimum(gl.cdiv(SECTION_PROGRAMS, per_kv), SECTION_CHUNKS), 1)
-    first = pid // (section * per_kv) * section
-    within = pid - first * per_kv
-    per_block = gl.minimum(section, n_chunks - first) * GROUP
-    pid_m = within // per_block
-    rest = within % per_block
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    kv_heads = heads // GROUP
-    pid_bkv = first + rest // GROUP
-    return pid_bkv // kv_heads, pid_bkv % kv_heads, (pid_bkv % kv_heads) * GROUP + rest % GROUP, pid_m * ROWS
+    """(batch, kv_head, head, first row) of this program on a 1-D grid of ROWS-row query blocks: the
+    tl kernels' launch order (attention_common._query_block_program, called from Gluon on scalars),
+    sections of a few (batch, KV head) chunks; SECTION_CHUNKS = 1 is the plain (chunk, query block,
+    member) order."""
+    batch, kv_head, member, first_row = _query_block_program(n_q, heads, GROUP, ROWS, CAUSAL, SECTION_PROGRAMS,
+                                                             SECTION_CHUNKS)
+    return batch, kv_head, kv_head * GROUP + member, first_row
 
 
 @gluon.jit
