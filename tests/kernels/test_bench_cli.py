@@ -25,6 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     ("bench/attention_kernels.py", ["--calls", "0"], "--calls must be at least 1, got 0"),
     ("bench/host_overhead.py", ["--profile", "mgqa_typo"], "unknown implementation(s) ['mgqa_typo']"),
     ("bench/host_parts.py", ["--lengths", "4096,4k"], "--lengths '4096,4k': expected comma-separated integers"),
+    ("bench/reduce_throughput.py", ["--variants", "tl_atomic,red_v8"], "unknown variant(s) ['red_v8']"),
 ])
 def test_bad_arguments_name_the_value(script, args, expected):
     proc = run(script, *args)
@@ -34,7 +35,7 @@ def test_bad_arguments_name_the_value(script, args, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
 @pytest.mark.parametrize("script", ["bench/attention.py", "bench/attention_kernels.py", "bench/host_overhead.py",
-                                    "bench/host_parts.py"])
+                                    "bench/host_parts.py", "bench/reduce_throughput.py"])
 def test_without_a_gpu_the_scripts_say_so(script):
     proc = run(script)
     assert proc.returncode == 2
