@@ -138,9 +138,9 @@ def _scratch_alloc(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 # Backward flavour. Deterministic (default): a separate dQ kernel, bit-identical results run to run,
-# 7 matmuls. MGQA_TRITON_DETERMINISTIC=0: dQ accumulated with fp32 atomics inside the dK/dV kernel,
-# 5 matmuls, dQ's rounding varies run to run. torch.use_deterministic_algorithms(True) forces the
-# deterministic path either way.
+# 7 matmuls. MGQA_TRITON_DETERMINISTIC=0: dQ accumulated with fp32 atomics inside the dK/dV kernel
+# (the Gluon one where it applies, else the tl one), 5 matmuls, dQ's rounding varies run to run.
+# torch.use_deterministic_algorithms(True) forces the deterministic path either way.
 DETERMINISTIC = os.environ.get("MGQA_TRITON_DETERMINISTIC", "1") != "0"
 # Forward softmax variant (see attention_fwd._fwd_step): 0 scale then max, 1 scale folded into
 # exp2's FMA, 2 folded + lazy rescaling. Variants 1-2 assume a positive scale.
@@ -393,12 +393,19 @@ def attention_backward(
             **_sections("dq", causal, 2 * n_k * head_dim * q.element_size(), q.device), **meta,
         )
 
-    ws_splits = 0 if atomic_dq else _ws_backward_plan(q, k, v, grad_out)[0]
+    ws_splits = _ws_backward_plan(q, k, v, grad_out)[0]
     if ws_splits:
         group_bytes = 2 * meta["GROUP"] // ws_splits * n_q * head_dim * q.element_size()  # one chunk's Q/dO
-        _gluon_module("attention_bwd_ws").launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
-                                                 _sections("dkdv", causal, group_bytes, q.device),
-                                                 persistent=BWD_IMPL == "persistent", splits=ws_splits)
+        ws = _gluon_module("attention_bwd_ws")
+        # With atomics, the Gluon kernel adds dS K into a float32 buffer whose rows are padded to its
+        # query step, so that the last step's rows need no mask.
+        dq_acc = torch.zeros((batch, heads, triton.cdiv(n_q, ws.BLOCK_M) * ws.BLOCK_M, head_dim),
+                             dtype=torch.float32, device=q.device) if atomic_dq else None
+        ws.launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
+                  _sections("dkdv", causal, group_bytes, q.device),
+                  persistent=BWD_IMPL == "persistent" and not atomic_dq, splits=ws_splits, dq_acc=dq_acc)
+        if atomic_dq:
+            torch.mul(dq_acc[:, :, :n_q], scale, out=dq)
         return dq, dk, dv
 
     def grid_kv(cfg):

@@ -31,7 +31,9 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
 
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
@@ -43,6 +45,8 @@ BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
 # bench/ws_dkdv_variants.py on an H100 (bench/NOTES.md, v12). 4 buffers: 4 x 32 KB + 64 KB of K/V.
 # Under a causal mask the look-ahead costs more registers than it saves (spills grow 284 -> 416 B).
 SETTINGS = {False: (4, True), True: (3, False)}
+# The same with dQ computed too (``launch(dq_acc=...)``): 32 KB more shared memory for the dS buffers.
+FUSED_SETTINGS = {False: (4, True), True: (3, False)}
 HEAD_DIMS = (128,)
 
 
@@ -81,8 +85,32 @@ def _query_range(start_n, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr
 
 
 @gluon.jit
-def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV,
-                  Lse, Delta, start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0):
+def _rotation(steps, lo, mid, start_n, n_k, TILE_M: gl.constexpr, TILE_N: gl.constexpr):
+    """(masked steps, unmasked steps, rotation) of the key tile at start_n, for ``_step_rows``: the
+    unmasked steps start at one that depends on the key tile, so that the programs of one KV head,
+    which run at the same time, add their dQ into different rows."""
+    masked = (mid - lo) // TILE_M
+    free = gl.maximum(steps - masked, 1)
+    return masked, free, start_n // (2 * TILE_N) * free // gl.cdiv(n_k, 2 * TILE_N)
+
+
+@gluon.jit
+def _step_rows(t, steps, lo, order, TILE_M: gl.constexpr):
+    """(head within the group, first query row) of step t: each head's steps from lo on, in order,
+    or with ``order`` = ``_rotation(...)``, the masked steps (straddling the diagonal) first, then the
+    unmasked ones from the rotation's on, wrapping."""
+    g = t // steps
+    j = t - g * steps
+    if len(order) > 0:
+        masked, free, rot = order
+        j = gl.where(j >= masked, masked + (j - masked + rot) % free, j)
+    return g, lo + j * TILE_M
+
+
+@gluon.jit
+def _bwd_producer(args, DQ: gl.constexpr):
+    q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, \
+        start_n, lo, mid, n_q, n_k, head0, group, bh0, qk_scale, sm_scale, out_row0, fused = args
     # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
     # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[2]
@@ -94,9 +122,12 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
     tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem.index(0))
     tma.async_copy_global_to_shared(v_desc, [start_n + TILE_N, 0], kv_bar, v_smem.index(1))
     steps = gl.cdiv(n_q - lo, TILE_M)
+    if DQ:
+        order = _rotation(steps, lo, mid, start_n, n_k, TILE_M, TILE_N)
+    else:
+        order = ()
     for t in range(group * steps):
-        g = t // steps
-        start_m = lo + (t - g * steps) * TILE_M
+        g, start_m = _step_rows(t, steps, lo, order, TILE_M)
         stage = t % NSTAGES
         # A fresh mbarrier counts as having completed the phase before its first.
         mbarrier.wait(empty.index(stage), ((t // NSTAGES) & 1) ^ 1)
@@ -106,11 +137,30 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
         tma.async_copy_global_to_shared(do_desc, [head0 + g, start_m, 0], bar, do_smem.index(stage))
 
 
+# sm_90's vector reduction, two consecutive floats per instruction (relaxed, no result). With pack=2:
+# outputs $0-$1 (unused), the two addresses $2-$3 (consecutive: the first is used), the values $4-$5.
+# The wgmma accumulator layout gives each thread pairs of consecutive columns.
+RED_V2_ASM = gl.constexpr("red.global.gpu.relaxed.add.v2.f32 [$4], {$8, $9};\n"
+                          "red.global.gpu.relaxed.add.v2.f32 [$6], {$10, $11};\n"
+                          "mov.u32 $0, 0;\nmov.u32 $1, 0;\nmov.u32 $2, 0;\nmov.u32 $3, 0;")
+
+
+@triton.constexpr_function
+def red_v2_layout(rows, cols):
+    """A warpgroup's wgmma accumulator layout for a (rows, cols) tile (rows = 64), as a linear layout
+    with the register order spelled out: per thread, (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1),
+    then the same 8 columns on. Groups of 4 registers are two pairs of consecutive floats."""
+    reg = [[0, 1], [8, 0]] + [[0, 8 << i] for i in range((cols // 8).bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[rows, cols])
+
+
 @gluon.jit
-def _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs, TILE_M: gl.constexpr):
-    """lse and delta of step t's query rows (+inf and 0 past n_q, or if t is past the last step)."""
-    g = t // steps
-    rows = lo + (t - g * steps) * TILE_M + offs
+def _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs, TILE_M: gl.constexpr, order):
+    """lse and delta of step t's query rows (+inf and 0 past n_q, or if t is past the last step);
+    ``order``: that of ``_step_rows``."""
+    g, start_m = _step_rows(t, steps, lo, order, TILE_M)
+    rows = start_m + offs
     ok = (rows < n_q) & (t < last)
     base = (bh0 + g).to(gl.int64) * n_q
     lse = gl.load(Lse + base + rows, mask=ok, other=float("inf"))
@@ -120,9 +170,16 @@ def _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs, TILE_M: gl.conste
 
 @gluon.jit
 def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first, last, base, lo, n_q, n_k,
-               key_pos, bh0, qk_scale, MASKED: gl.constexpr, PREFETCH: gl.constexpr):
+               key_pos, bh0, qk_scale, MASKED: gl.constexpr, PREFETCH: gl.constexpr, fused, WG: gl.constexpr,
+               DQ: gl.constexpr):
     """Steps t in [first, last) of one key tile's flat (head, query block) sequence; step t reads
-    ring buffer number base + t (base: the steps of the program's earlier tiles)."""
+    ring buffer number base + t (base: the steps of the program's earlier tiles).
+
+    DQ: also add each step's dQ contribution into a float32 buffer (``fused`` = (dS buffers, their
+    barriers, both consumers' K tiles, DQ_ACC, its rows per head)). Both consumers store their dSᵀ
+    (keys x queries) into one buffer, wait for each other on its barrier, then consumer WG computes
+    dS K for the step's queries and its half of head_dim, over the program's 2 * TILE_N keys, and
+    adds it into DQ_ACC with float32 atomics (relaxed ``red``: the summation order varies)."""
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_tile.type.shape[0]
@@ -140,18 +197,21 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
     offs_v = gl.arange(0, TILE_M, layout=vec)
     steps = gl.cdiv(n_q - lo, TILE_M)
     offset = n_k - n_q
-    lse_v, delta_v = _row_stats(Lse, Delta, first, last, steps, lo, n_q, bh0, offs_v, TILE_M)
+    if DQ:
+        order = fused[5]
+    else:
+        order = ()
+    lse_v, delta_v = _row_stats(Lse, Delta, first, last, steps, lo, n_q, bh0, offs_v, TILE_M, order)
     for t in range(first, last):
-        g = t // steps
-        start_m = lo + (t - g * steps) * TILE_M
+        g, start_m = _step_rows(t, steps, lo, order, TILE_M)
         stage = (base + t) % NSTAGES
         offs_m = start_m + offs_m0
         if PREFETCH:
             lse = gl.convert_layout(lse_v, col_s)
             delta = gl.convert_layout(delta_v, col_s)
-            lse_v, delta_v = _row_stats(Lse, Delta, t + 1, last, steps, lo, n_q, bh0, offs_v, TILE_M)
+            lse_v, delta_v = _row_stats(Lse, Delta, t + 1, last, steps, lo, n_q, bh0, offs_v, TILE_M, order)
         else:
-            lse, delta = _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs_m0, TILE_M)
+            lse, delta = _row_stats(Lse, Delta, t, last, steps, lo, n_q, bh0, offs_m0, TILE_M, order)
         mbarrier.wait(ready.index(stage), ((base + t) // NSTAGES) & 1)
         q_tile = q_smem.index(stage).reshape([TILE_M, HEAD])
         do_tile = do_smem.index(stage).reshape([TILE_M, HEAD])
@@ -164,18 +224,50 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
         p_op = gl.convert_layout(p_t.to(dtype), op_layout)
         dv = warpgroup_mma(p_op, do_tile, dv, is_async=True)
         dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # dPᵀ ready; dV += Pᵀ dO may still run
-        ds_op = gl.convert_layout((p_t * (dp_t - delta[None, :])).to(dtype), op_layout)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        ds_op = gl.convert_layout(ds_t, op_layout)
         dk = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
-        mbarrier.arrive(empty.index(stage), count=1)  # one thread; the matmuls reading it are done
+        if DQ:
+            ds_smem, ds_bar, k_all, DQ_ACC, rows_per_head, _ = fused
+            HALF: gl.constexpr = HEAD // 2
+            dq_layout: gl.constexpr = wgmma_layout(HALF)
+            use = base + t
+            ds_buf = ds_smem.index(use % 2)
+            ds_buf.slice(WG * TILE_N, TILE_N, dim=0).store(ds_t)
+            fence_async_shared()  # the generic-proxy stores, before wgmma reads them
+            mbarrier.arrive(ds_bar.index(use % 2), count=1)  # after a barrier of this warpgroup
+            # dV and dK first: their register operands are then free while dQ runs, and the step's
+            # Q/dO buffer (which dQ does not read) goes back to the producer.
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(stage), count=1)
+            mbarrier.wait(ds_bar.index(use % 2), (use // 2) & 1)  # the other consumer's keys stored too
+            zero_dq = gl.zeros([TILE_M, HALF], gl.float32, dq_layout)
+            dq = warpgroup_mma(ds_buf.slice(0, TILE_N, dim=0).permute((1, 0)),
+                               k_all.index(0).slice(WG * HALF, HALF, dim=1), zero_dq, use_acc=False, is_async=True)
+            dq = warpgroup_mma(ds_buf.slice(TILE_N, TILE_N, dim=0).permute((1, 0)),
+                               k_all.index(1).slice(WG * HALF, HALF, dim=1), dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq,))
+            rows = (bh0 + g).to(gl.int64) * rows_per_head + start_m + gl.arange(0, TILE_M, gl.SliceLayout(1, dq_layout))
+            cols = WG * HALF + gl.arange(0, HALF, gl.SliceLayout(0, dq_layout))
+            # Rows past n_q land in the buffer's padding (rows_per_head is a multiple of TILE_M).
+            red_layout: gl.constexpr = red_v2_layout(TILE_M, HALF)
+            dq = gl.convert_layout(dq, red_layout)  # the same elements per thread, in a known order
+            rows = gl.convert_layout(rows, gl.SliceLayout(1, red_layout))
+            cols = gl.convert_layout(cols, gl.SliceLayout(0, red_layout))
+            ptrs = (DQ_ACC + rows[:, None] * HEAD + cols[None, :]).to(gl.int64, bitcast=True)
+            gl.inline_asm_elementwise(RED_V2_ASM, "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [ptrs, dq], gl.int32, is_pure=False,
+                                      pack=4)
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(stage), count=1)  # one thread; the matmuls reading it are done
     return dk, dv
 
 
 @gluon.jit
-def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
+def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr, DQ: gl.constexpr):
     """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
     _, _, _, _, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q, \
-        n_k, _, group, bh0, qk_scale, sm_scale, out_row0 = args
+        n_k, _, group, bh0, qk_scale, sm_scale, out_row0, fused = args
     TILE_M: gl.constexpr = q_smem.type.shape[2]
     HEAD: gl.constexpr = q_smem.type.shape[3]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -192,10 +284,11 @@ def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
     masked_steps = (mid - lo) // TILE_M
     for g in range(group):
         dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
-                            g * steps + masked_steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
+                            g * steps + masked_steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH,
+                            fused, WG, DQ)
         dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
                             g * steps + masked_steps, (g + 1) * steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, False,
-                            PREFETCH)
+                            PREFETCH, fused, WG, DQ)
     keys = first_key + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, acc_layout))
     offs = (out_row0 + keys).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
@@ -206,15 +299,15 @@ def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
 
 @gluon.jit
 def _attn_bwd_dkdv_ws(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_db, stride_dh, stride_dn,
-    n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
+    n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS, dq_rows,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
-    SPLITS: gl.constexpr = 1,
+    SPLITS: gl.constexpr = 1, DQ: gl.constexpr = False,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     # A chunk is one (batch, KV head, group split); with SPLITS > 1, DK/DV are float32 partials
@@ -247,14 +340,26 @@ def _attn_bwd_dkdv_ws(
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     ready, empty = buffer_barriers(STAGES)
+    if DQ:
+        # Two buffers of both consumers' dSᵀ (2 * BLOCK_N keys x BLOCK_M queries), each with a barrier
+        # both consumers arrive on once their half is stored.
+        ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_N, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([2 * BLOCK_N, BLOCK_M], dtype))
+        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bar.index(i), count=2)
+        order = _rotation(gl.cdiv(n_q - lo, BLOCK_M), lo, mid, start_n, n_k, BLOCK_M, BLOCK_N)
+        fused = (ds_smem, ds_bar, k_smem, DQ_ACC, dq_rows, order)
+    else:
+        fused = (DQ_ACC, dq_rows)
 
     out_row0 = pid_bkv.to(gl.int64) * n_k
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse,
-            Delta, start_n, lo, mid, n_q, n_k, head0, GROUP // SPLITS, bh0, qk_scale, sm_scale, out_row0)
+            Delta, start_n, lo, mid, n_q, n_k, head0, GROUP // SPLITS, bh0, qk_scale, sm_scale, out_row0, fused)
     # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
     # them into run-time values).
-    gl.warp_specialize([(_bwd_consume, (args, 0, PREFETCH)), (_bwd_consume, (args, 1, PREFETCH)),
-                        (_bwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([(_bwd_consume, (args, 0, PREFETCH, DQ)), (_bwd_consume, (args, 1, PREFETCH, DQ)),
+                        (_bwd_producer, (args, DQ))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # The persistent variant (MGQA_TRITON_BWD_IMPL=persistent, bench/NOTES.md v14): one program per SM
@@ -407,10 +512,11 @@ def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
         mbarrier.wait(kv_ready.index(kv), (r // KV_SETS) & 1)
         for g in range(group):
             dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
-                                g * steps + masked_steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH)
+                                g * steps + masked_steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH,
+                                (), WG, False)
             dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
                                 g * steps + masked_steps, (g + 1) * steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale,
-                                False, PREFETCH)
+                                False, PREFETCH, (), WG, False)
         base += group * steps
         # Every matmul reading this K/V set has completed (each step waits for its own): the
         # producer may refill it while this warpgroup stores dK/dV.
@@ -477,14 +583,16 @@ def group_splits(batch: int, kv_heads: int, n_k: int, group: int, min_programs: 
 
 
 def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-           sections: dict, persistent: bool = False, splits: int = 1) -> None:
+           sections: dict, persistent: bool = False, splits: int = 1, dq_acc: Optional[torch.Tensor] = None) -> None:
     """q, grad_out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; lse, delta (B, H, Nq) float32; dk, dv (B, Hkv, Nk, 128) contiguous; ``sections``
     the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order; ``persistent``: one program per SM
     (``_attn_bwd_dkdv_ws_persistent``) instead of one per key tile; ``splits``: programs per
     (batch, KV head, key tile), each summing over its share of the group into a float32 partial
-    (``group_splits``; not with ``persistent``). The caller has set Triton's allocator (in-kernel
-    descriptors need global scratch)."""
+    (``group_splits``; not with ``persistent``); ``dq_acc``: a zeroed float32 (B, H, rows, 128) buffer,
+    rows a multiple of BLOCK_M and at least Nq, into which the kernel also adds dS K (unscaled dQ,
+    atomics; not with ``persistent``). The caller has set Triton's allocator (in-kernel descriptors
+    need global scratch)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     tiles = batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N)
@@ -493,8 +601,9 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     common = dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS,
                   PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG)
     if persistent:
-        if splits != 1:
-            raise ValueError(f"splits={splits}: the persistent dK/dV kernel does not split the query group")
+        if splits != 1 or dq_acc is not None:
+            raise ValueError(f"splits={splits}, dq_acc={'given' if dq_acc is not None else None}: the persistent "
+                             "dK/dV kernel neither splits the query group nor computes dQ")
         stages, prefetch, kv_sets = PERSISTENT_SETTINGS[bool(causal)]
         programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
         schedule, rounds = persistent_schedule(batch, kv_heads, n_q, n_k, heads // kv_heads, causal, programs,
@@ -510,10 +619,17 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     if splits > 1:
         dk_out = torch.empty((batch, kv_heads, splits, n_k, head_dim), dtype=torch.float32, device=q.device)
         dv_out = torch.empty_like(dk_out)
+    if dq_acc is not None:
+        if dq_acc.dtype != torch.float32 or dq_acc.shape[:2] != q.shape[:2] or dq_acc.shape[3] != head_dim \
+                or dq_acc.shape[2] < n_q or dq_acc.shape[2] % BLOCK_M or not dq_acc.is_contiguous():
+            raise ValueError(f"dq_acc {tuple(dq_acc.shape)} {dq_acc.dtype}: expected a contiguous float32 "
+                             f"({batch}, {heads}, rows, {head_dim}) buffer, rows >= {n_q} and a multiple of {BLOCK_M}")
+        stages, prefetch = FUSED_SETTINGS[bool(causal)]
     _attn_bwd_dkdv_ws[(tiles * splits,)](
-        q, k, v, grad_out, lse, delta, dk_out, dv_out, *strides, n_q, n_k, kv_heads, heads // kv_heads, qk_scale,
-        sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], STAGES=stages, PREFETCH=prefetch,
-        SPLITS=splits, **common,
+        q, k, v, grad_out, lse, delta, dk_out, dv_out, delta if dq_acc is None else dq_acc, *strides, n_q, n_k,
+        kv_heads, heads // kv_heads, qk_scale, sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"],
+        0 if dq_acc is None else dq_acc.shape[2], STAGES=stages, PREFETCH=prefetch, SPLITS=splits,
+        DQ=dq_acc is not None, **common,
     )
     if splits > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_out.sum(dim=2))

@@ -34,7 +34,7 @@ from mgqa.kernels import attention_bwd, attention_fwd
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
-FP32_POINTERS = ("Lse", "Delta", "DQ_ACC")
+FP32_POINTERS = ("Lse", "Delta", "DQ_ACC")  # DQ_ACC: the atomic-dQ buffer (the Gluon kernel's is unused without DQ)
 INT32_POINTERS = ("Schedule", "Rounds")  # the persistent dK/dV kernel's tile lists
 
 
@@ -87,13 +87,16 @@ def ws_variants():
                         ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
                         ("dkdvsplitws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
+                        ("dkdvdqws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
         for causal in (0, 1):
             constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
                           "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
-            if tag in ("dkdvws", "dkdvsplitws"):
-                constexprs["STAGES"], constexprs["PREFETCH"] = ws.SETTINGS[bool(causal)]
+            if tag in ("dkdvws", "dkdvsplitws", "dkdvdqws"):
+                settings = ws.FUSED_SETTINGS if tag == "dkdvdqws" else ws.SETTINGS
+                constexprs["STAGES"], constexprs["PREFETCH"] = settings[bool(causal)]
                 constexprs["SPLITS"] = 4 if tag == "dkdvsplitws" else 1  # 4: group splits, float32 partials
+                constexprs["DQ"] = tag == "dkdvdqws"  # dQ too, with float32 atomics
             elif tag == "dkdvpws":
                 constexprs["STAGES"], constexprs["PREFETCH"], constexprs["KV_SETS"] = \
                     ws.PERSISTENT_SETTINGS[bool(causal)]

@@ -655,15 +655,16 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dq"])
+@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dq", "dkdv_dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent) or dQ kernel (it
-    also writes delta for dK/dV) runs these inputs; dq, dk, dv match the tl backward's, and
-    forward+backward through it matches the float64 reference."""
-    flag, value = {"dkdv": ("BWD_IMPL", "auto"), "dkdv_persistent": ("BWD_IMPL", "persistent"),
-                   "dq": ("DQ_IMPL", "auto")}[kind]
+    """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent; or computing dQ
+    too, with atomics, when determinism is off) or dQ kernel (it also writes delta for dK/dV) runs
+    these inputs; dq, dk, dv match the tl deterministic backward's, and forward+backward through it
+    matches the float64 reference."""
+    flag, value, off = {"dkdv": ("BWD_IMPL", "auto", "tl"), "dkdv_persistent": ("BWD_IMPL", "persistent", "tl"),
+                        "dq": ("DQ_IMPL", "auto", "tl"), "dkdv_dq": ("DETERMINISTIC", False, True)}[kind]
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
     module = kernels._gluon_module("attention_bwd_ws")
     if kind == "dkdv_persistent" and n_k < 1024 and not isinstance(module, str):
@@ -671,7 +672,10 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
         # buffer sets.
         monkeypatch.setattr(module, "MAX_PROGRAMS", 3)
     reason_of = kernels.ws_dq_reason if kind == "dq" else kernels.ws_backward_reason
-    _check_gluon_backward(monkeypatch, flag, value, reason_of, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype)
+    if kind == "dkdv_dq":
+        monkeypatch.setattr(kernels, "DQ_IMPL", "tl")  # the deterministic side: tl dQ + Gluon dK/dV
+    _check_gluon_backward(monkeypatch, flag, value, reason_of, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype,
+                          off=off)
 
 
 @pytest.mark.gpu
@@ -682,10 +686,13 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
     (2, 8, 1, 100, 300, True),
     (1, 4, 1, 191, 4097, False),
 ])
+@pytest.mark.parametrize("fused_dq", [False, True])
 def test_gpu_warp_specialised_backward_split_over_the_group(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal,
-                                                            dtype):
+                                                            dtype, fused_dq):
     """Where there are too few key tiles, the Gluon dK/dV kernel may split each group over several
-    programs (float32 partials, summed afterwards): here as many splits as the group has heads."""
+    programs (float32 partials, summed afterwards): here as many splits as the group has heads; with
+    determinism off, each split program also adds its heads' dQ."""
+    monkeypatch.setattr(kernels, "DETERMINISTIC", not fused_dq)
     group = heads // kv_heads
     tiles = batch * kv_heads * triton.cdiv(n_k, 128)
     if CUDA:  # exactly group x tiles programs needed: the most splits
