@@ -45,8 +45,9 @@ BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
 # bench/ws_dkdv_variants.py on an H100 (bench/NOTES.md, v12). 4 buffers: 4 x 32 KB + 64 KB of K/V.
 # Under a causal mask the look-ahead costs more registers than it saves (spills grow 284 -> 416 B).
 SETTINGS = {False: (4, True), True: (3, False)}
-# The same with dQ computed too (``launch(dq_acc=...)``): 32 KB more shared memory for the dS buffers.
-FUSED_SETTINGS = {False: (4, True), True: (3, False)}
+# The same with dQ computed too (``launch(dq_acc=...)``): 64 KB more shared memory (the dS buffers and
+# each warpgroup's dQ tile on its way to the reductions), so 3 Q/dO buffers; no look-ahead (it spills).
+FUSED_SETTINGS = {False: (3, False), True: (3, False)}
 HEAD_DIMS = (128,)
 
 
@@ -137,22 +138,11 @@ def _bwd_producer(args, DQ: gl.constexpr):
         tma.async_copy_global_to_shared(do_desc, [head0 + g, start_m, 0], bar, do_smem.index(stage))
 
 
-# sm_90's vector reduction, two consecutive floats per instruction (relaxed, no result). With pack=2:
-# outputs $0-$1 (unused), the two addresses $2-$3 (consecutive: the first is used), the values $4-$5.
-# The wgmma accumulator layout gives each thread pairs of consecutive columns.
-RED_V2_ASM = gl.constexpr("red.global.gpu.relaxed.add.v2.f32 [$4], {$8, $9};\n"
-                          "red.global.gpu.relaxed.add.v2.f32 [$6], {$10, $11};\n"
+# sm_90's vector reduction, four consecutive floats per instruction (relaxed, no result). With
+# pack=4: outputs $0-$3 (unused), the four addresses $4-$7 (consecutive: the first is used), the
+# values $8-$11.
+RED_V4_ASM = gl.constexpr("red.global.gpu.relaxed.add.v4.f32 [$4], {$8, $9, $10, $11};\n"
                           "mov.u32 $0, 0;\nmov.u32 $1, 0;\nmov.u32 $2, 0;\nmov.u32 $3, 0;")
-
-
-@triton.constexpr_function
-def red_v2_layout(rows, cols):
-    """A warpgroup's wgmma accumulator layout for a (rows, cols) tile (rows = 64), as a linear layout
-    with the register order spelled out: per thread, (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1),
-    then the same 8 columns on. Groups of 4 registers are two pairs of consecutive floats."""
-    reg = [[0, 1], [8, 0]] + [[0, 8 << i] for i in range((cols // 8).bit_length() - 1)]
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[rows, cols])
 
 
 @gluon.jit
@@ -179,7 +169,7 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
     barriers, both consumers' K tiles, DQ_ACC, its rows per head)). Both consumers store their dSᵀ
     (keys x queries) into one buffer, wait for each other on its barrier, then consumer WG computes
     dS K for the step's queries and its half of head_dim, over the program's 2 * TILE_N keys, and
-    adds it into DQ_ACC with float32 atomics (relaxed ``red``: the summation order varies)."""
+    adds it into DQ_ACC with float32 vector reductions (relaxed ``red``: the summation order varies)."""
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_tile.type.shape[0]
@@ -228,7 +218,7 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
         ds_op = gl.convert_layout(ds_t, op_layout)
         dk = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
         if DQ:
-            ds_smem, ds_bar, k_all, DQ_ACC, rows_per_head, _ = fused
+            ds_smem, ds_bar, k_all, DQ_ACC, rows_per_head, _, dq_smem = fused
             HALF: gl.constexpr = HEAD // 2
             dq_layout: gl.constexpr = wgmma_layout(HALF)
             use = base + t
@@ -247,16 +237,21 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
             dq = warpgroup_mma(ds_buf.slice(TILE_N, TILE_N, dim=0).permute((1, 0)),
                                k_all.index(1).slice(WG * HALF, HALF, dim=1), dq, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq,))
-            rows = (bh0 + g).to(gl.int64) * rows_per_head + start_m + gl.arange(0, TILE_M, gl.SliceLayout(1, dq_layout))
-            cols = WG * HALF + gl.arange(0, HALF, gl.SliceLayout(0, dq_layout))
-            # Rows past n_q land in the buffer's padding (rows_per_head is a multiple of TILE_M).
-            red_layout: gl.constexpr = red_v2_layout(TILE_M, HALF)
-            dq = gl.convert_layout(dq, red_layout)  # the same elements per thread, in a known order
-            rows = gl.convert_layout(rows, gl.SliceLayout(1, red_layout))
-            cols = gl.convert_layout(cols, gl.SliceLayout(0, red_layout))
-            ptrs = (DQ_ACC + rows[:, None] * HEAD + cols[None, :]).to(gl.int64, bitcast=True)
-            gl.inline_asm_elementwise(RED_V2_ASM, "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [ptrs, dq], gl.int32, is_pure=False,
-                                      pack=4)
+            # Through this warpgroup's shared buffer, 16 rows at a time, 4 consecutive floats per
+            # thread: few registers at once (the whole tile and its 32 addresses spill). Rows past
+            # n_q land in the buffer's padding (rows_per_head is a multiple of TILE_M).
+            dq_buf = dq_smem.index(WG)
+            dq_buf.store(dq)
+            red_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+            CHUNK: gl.constexpr = 16
+            row0 = (bh0 + g).to(gl.int64) * rows_per_head + start_m
+            cols = WG * HALF + gl.arange(0, HALF, gl.SliceLayout(0, red_layout))
+            for c in gl.static_range(TILE_M // CHUNK):
+                vals = dq_buf.slice(c * CHUNK, CHUNK, dim=0).load(red_layout)
+                rows = row0 + c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(1, red_layout))
+                ptrs = (DQ_ACC + rows[:, None] * HEAD + cols[None, :]).to(gl.int64, bitcast=True)
+                gl.inline_asm_elementwise(RED_V4_ASM, "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [ptrs, vals], gl.int32,
+                                          is_pure=False, pack=4)
         else:
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
             mbarrier.arrive(empty.index(stage), count=1)  # one thread; the matmuls reading it are done
@@ -349,7 +344,9 @@ def _attn_bwd_dkdv_ws(
         for i in gl.static_range(2):
             mbarrier.init(ds_bar.index(i), count=2)
         order = _rotation(gl.cdiv(n_q - lo, BLOCK_M), lo, mid, start_n, n_k, BLOCK_M, BLOCK_N)
-        fused = (ds_smem, ds_bar, k_smem, DQ_ACC, dq_rows, order)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM // 2], gl.float32))
+        fused = (ds_smem, ds_bar, k_smem, DQ_ACC, dq_rows, order, dq_smem)
     else:
         fused = (DQ_ACC, dq_rows)
 
