@@ -91,3 +91,34 @@ def test_persistent_schedule_cache_is_bounded(monkeypatch):
 ])
 def test_group_splits_are_the_fewest_that_fill_the_gpu(batch, kv_heads, n_k, group, max_splits, expected):
     assert ws.group_splits(batch, kv_heads, n_k, group, 264, max_splits) == expected
+
+
+def _inputs(batch=1, heads=4, kv_heads=2, n=100):
+    q = torch.zeros(batch, heads, n, 128, dtype=torch.bfloat16)
+    k = torch.zeros(batch, kv_heads, n, 128, dtype=torch.bfloat16)
+    stats = torch.zeros(batch, heads, n)
+    return q, k, stats
+
+
+@pytest.mark.parametrize("rows,dtype,expected", [
+    (100, torch.float32, "rows >= 100 and a multiple of 64"),  # not padded to the query step
+    (64, torch.float32, "rows >= 100"),  # too short
+    (128, torch.bfloat16, "torch.bfloat16"),  # the reductions are float32
+])
+def test_fused_dq_buffer_is_checked_before_launch(rows, dtype, expected):
+    """The dQ buffer of the fused path must be float32 with its rows padded to the query step (the
+    kernel adds the last step's overhang into the padding): anything else is refused, naming it."""
+    q, k, stats = _inputs()
+    dq_acc = torch.zeros(1, 4, rows, 128, dtype=dtype)
+    with pytest.raises(ValueError, match="dq_acc") as err:
+        ws.launch(q, k, k, q, stats, stats, k, k, True, 1.0, 1.0, {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1},
+                  dq_acc=dq_acc)
+    assert expected in str(err.value) and str(tuple(dq_acc.shape)) in str(err.value)
+
+
+def test_persistent_kernel_refuses_the_fused_dq():
+    q, k, stats = _inputs()
+    dq_acc = torch.zeros(1, 4, 128, 128)
+    with pytest.raises(ValueError, match="persistent dK/dV kernel neither splits the query group nor computes dQ"):
+        ws.launch(q, k, k, q, stats, stats, k, k, True, 1.0, 1.0, {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1},
+                  persistent=True, dq_acc=dq_acc)

@@ -515,6 +515,38 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert "8.0" in kernels.ws_forward_reason(q, k, k, True, 0.088)
 
 
+def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypatch):
+    """With determinism off where the Gluon dK/dV kernel applies, attention_backward hands it a zeroed
+    float32 dQ buffer padded to its query step, then returns dQ = buffer x scale for the real rows
+    (checked with a stand-in for the kernel: no GPU needed)."""
+    calls = []
+
+    class FakeKernel:
+        BLOCK_M = 64
+
+        @staticmethod
+        def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
+                   dq_acc):
+            calls.append(dict(shape=tuple(dq_acc.shape), dtype=dq_acc.dtype, zero=bool((dq_acc == 0).all()),
+                              persistent=persistent, splits=splits))
+            dq_acc[:, :, :q.shape[2]] = 2.0
+            dq_acc[:, :, q.shape[2]:] = 99.0  # the overhang of the last step: never part of dQ
+            dk.fill_(0.5)
+            dv.fill_(0.25)
+
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    monkeypatch.setattr(kernels, "BWD_IMPL", "persistent")  # the persistent kernel has no fused dQ
+    monkeypatch.setattr(kernels, "_ws_backward_plan", lambda *args: (1, None))
+    monkeypatch.setattr(kernels, "_gluon_module", lambda name: FakeKernel)
+    monkeypatch.setattr(kernels, "_sections", lambda *args: {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1})
+    q, k, v = make_inputs(1, 4, 2, 100, 100, 32, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, True, 0.5)
+    dq, dk, dv = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.5)
+    assert calls == [dict(shape=(1, 4, 128, 32), dtype=torch.float32, zero=True, persistent=False, splits=1)]
+    assert torch.all(dq == 1.0) and dq.shape == q.shape and dq.dtype == q.dtype  # 2.0 x scale 0.5
+    assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
+
+
 def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
     q, k, v = make_inputs(1, 2, 1, 8, 8, 128, torch.float32)
     if not CUDA:
