@@ -8,7 +8,9 @@ in its group (deterministic: no atomics, dK/dV summed in registers):
   through ``STAGES`` shared-memory buffers;
 - two *consumer* warpgroups each own ``BLOCK_N`` keys. Per step (``BLOCK_M`` queries) a consumer
   issues Sᵀ = K Qᵀ and dPᵀ = V dOᵀ together, computes Pᵀ while dPᵀ runs, issues dV += Pᵀ dO, computes
-  dSᵀ = Pᵀ (dPᵀ - delta) while that runs, issues dK += dSᵀ Q, then releases the buffers.
+  dSᵀ = Pᵀ (dPᵀ - delta) while that runs, issues dK += dSᵀ Q, then releases the buffers. Under a
+  causal mask the second consumer skips the one step per head whose scores are all masked for its
+  keys (``_skip_unseen_step``).
 
 Same contract as ``attention_bwd._attn_bwd_dkdv`` with one group split: lse in log2 units (+inf for
 rows that see no key), delta from the dQ kernel, dK scaled by ``sm_scale``, dK/dV written in the
@@ -17,8 +19,8 @@ the tl kernel's sectioned one (``attention_common._key_block_program``).
 
 The launcher (``attention.attention_backward``) takes it for head_dim 128 in fp16/bf16 on sm_90 when
 there are at least two programs per SM, splitting the query group over up to
-``attention.WS_BWD_MAX_SPLITS`` programs to get there (``unsupported_reason``, ``group_splits``,
-``attention.ws_backward_reason``); dQ comes from the Gluon dQ kernel (``attention_dq_ws``). Gluon has no CPU interpreter: CPU CI compiles the kernel for
+``attention.WS_BWD_MAX_SPLITS`` programs to get there (further under a causal mask; ``unsupported_reason``,
+``group_splits``, ``attention.ws_backward_reason``), and its persistent variant below for MHA; dQ comes from the Gluon dQ kernel (``attention_dq_ws``). Gluon has no CPU interpreter: CPU CI compiles the kernel for
 sm_90 (tests/kernels/test_compile.py) and the GPU suite checks it against the tl backward.
 """
 
@@ -259,6 +261,21 @@ def _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta
 
 
 @gluon.jit
+def _skip_unseen_step(t, lo, n_q, n_k, first_key, masked_steps, ready, empty, TILE_M: gl.constexpr,
+                      NSTAGES: gl.constexpr):
+    """1 if the first masked step (t, query rows lo to lo + TILE_M) sees none of a consumer's keys
+    (from first_key on) under the causal mask, after taking its ring buffer and handing it back
+    unread; else 0. Only the second consumer's first masked step of each head can be so: the matmuls
+    of a step whose every score is masked would only add zeros."""
+    skip = (masked_steps > 0) & (lo + (TILE_M - 1) + (n_k - n_q) < first_key)
+    if skip:
+        stage = t % NSTAGES
+        mbarrier.wait(ready.index(stage), (t // NSTAGES) & 1)
+        mbarrier.arrive(empty.index(stage), count=1)
+    return skip.to(gl.int32)
+
+
+@gluon.jit
 def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr, DQ: gl.constexpr):
     """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
     _, _, _, _, q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty, DK, DV, Lse, Delta, start_n, lo, mid, n_q, \
@@ -278,7 +295,12 @@ def _bwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr, DQ: gl.constexp
     steps = gl.cdiv(n_q - lo, TILE_M)
     masked_steps = (mid - lo) // TILE_M
     for g in range(group):
-        dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
+        first = g * steps
+        if WG == 1:
+            if not DQ:  # with dQ both consumers meet on every step's dS
+                first += _skip_unseen_step(first, lo, n_q, n_k, first_key, masked_steps, ready, empty, TILE_M,
+                                           q_smem.type.shape[0])
+        dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first,
                             g * steps + masked_steps, 0, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH,
                             fused, WG, DQ)
         dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
@@ -359,7 +381,7 @@ def _attn_bwd_dkdv_ws(
                         (_bwd_producer, (args, DQ))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# The persistent variant (MGQA_TRITON_BWD_IMPL=persistent, bench/NOTES.md v14): one program per SM
+# The persistent variant (bench/NOTES.md v14; the default for MHA since v19): one program per SM
 # walks a list of key tiles made on the host (``persistent_schedule``): every tile, in the launch
 # order above, goes to the program that frees up first, as the hardware would start one-tile
 # programs, so the tiles running at once stay neighbours in that order (sharing Q/dO in L2) and
@@ -508,7 +530,11 @@ def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
         masked_steps = (mid - lo) // TILE_M
         mbarrier.wait(kv_ready.index(kv), (r // KV_SETS) & 1)
         for g in range(group):
-            dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, g * steps,
+            first = g * steps
+            if WG == 1:
+                first += _skip_unseen_step(base + first, lo, n_q, n_k, first_key, masked_steps, ready, empty,
+                                           TILE_M, q_smem.type.shape[0])
+            dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta, first,
                                 g * steps + masked_steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale, True, PREFETCH,
                                 (), WG, False)
             dk, dv = _bwd_steps(dk, dv, k_tile, v_tile, q_smem, do_smem, ready, empty, Lse, Delta,
