@@ -38,6 +38,8 @@ from mgqa.kernels import attention as mgqa_kernels
 # overrides some.
 DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL",
                                                                 "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS",
+                                                                "WS_BWD_MIN_PROGRAMS_PER_SM", "WS_BWD_CAUSAL_PROGRAMS_FACTOR",
+                                                                "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
                                                                 "SECTION_KERNELS")}
 
 TOKENS = 16384
@@ -105,8 +107,22 @@ MGQA_VARIANTS = {
     "mgqa_grid_order": {"CAUSAL_ORDER": "grid"},  # chunk-by-chunk launch order under a causal mask
     "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
-    "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14)
+    "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14), GQA too
+    "mgqa_tiles_bwd": {"BWD_IMPL": "tiles"},  # MHA too: one Gluon dK/dV program per key tile
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
+    # MQA-like shapes: the Gluon dK/dV kernel's query group split 2 or 4 times as often as the default
+    # (smaller chunks of Q/dO to share through L2, more float32 partials to sum)
+    "mgqa_ws_split_x2": {"WS_BWD_MIN_PROGRAMS_PER_SM": 4, "WS_BWD_MAX_SPLITS": 32},
+    "mgqa_ws_split_x4": {"WS_BWD_MIN_PROGRAMS_PER_SM": 8, "WS_BWD_MAX_SPLITS": 32},
+    # causal shapes split as unmasked ones do (the rule before v19)
+    "mgqa_ws_causal_split_off": {"WS_BWD_CAUSAL_PROGRAMS_FACTOR": 1},
+    # the dK/dV launch order's sections as many chunks as fit in L2, the last one short (before v19)
+    "mgqa_ragged_sections": {"EVEN_SECTIONS": False},
+    # the dK/dV rules before v19 together (one program per key tile, causal splits and sections as above)
+    # causal dK/dV sections of 4 or 8 chunks (fewer Q/dO chunks shared through L2 at once)
+    "mgqa_sections_4": {"FORCE_SECTION_CHUNKS": 4},
+    "mgqa_sections_8": {"FORCE_SECTION_CHUNKS": 8},
+    "mgqa_v18_rules": {"BWD_IMPL": "tiles", "WS_BWD_CAUSAL_PROGRAMS_FACTOR": 1, "EVEN_SECTIONS": False},
     "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
     # the Gluon forward and dQ kernels in the sectioned causal launch order too
     "mgqa_ws_sections": {"SECTION_KERNELS": ("dkdv", "ws_fwd", "ws_dq")},

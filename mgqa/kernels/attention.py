@@ -162,9 +162,12 @@ CAUSAL_ORDER = _env_choice("MGQA_TRITON_CAUSAL_ORDER", "sections", ("sections", 
 # fp16/bf16) where it applies, the tl kernel elsewhere; "tl": always the tl kernel.
 FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
-# (attention_bwd_ws) where it applies; "persistent" its persistent variant (one program per SM, v14:
-# not yet measured on a GPU); "tl": always the tl kernel.
-BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "persistent", "tl"))
+# (attention_bwd_ws) where it applies, as its persistent variant (one program per SM walking a list of
+# key tiles) where each tile's program would cover one query head (MHA), since there the per-tile
+# set-up it hides is largest (bench/NOTES.md, v19), else one program per key tile; "tiles": one
+# program per key tile always; "persistent": the persistent variant wherever the Gluon kernel runs
+# (it does not split the query group); "tl": always the tl kernel.
+BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tiles", "persistent", "tl"))
 # dQ kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon dQ kernel
 # (attention_dq_ws, which also writes delta) where it applies; "tl": always the tl kernel.
 DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "auto", ("auto", "tl"))
@@ -182,6 +185,12 @@ WS_MIN_KEYS_CAUSAL = 4096
 # the float32 partials to 8 x (B, Hkv, Nk, D) each for dK and dV.
 WS_BWD_MIN_PROGRAMS_PER_SM = 2
 WS_BWD_MAX_SPLITS = 8
+# Under a causal mask the split goes further where the group allows: to this many times the minimum
+# above. The launch order there runs each section from its longest key tiles to its shortest; with
+# few, large chunks a section holds fewer programs than run at once, and the long programs of the
+# last sections finish alone. Twice the programs took MQA's causal dK/dV from 2099 to 1795 µs at 4k
+# on an H100 (4 -> 8 splits), level at 16k and 3% slower without the mask (bench/NOTES.md, v19).
+WS_BWD_CAUSAL_PROGRAMS_FACTOR = 2
 
 
 GLUON_MIN_TRITON = (3, 6)  # the Gluon API these kernels are written against (run on 3.6, compiled on 3.8)
@@ -237,14 +246,17 @@ def ws_dq_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: to
     return _gluon_reason("MGQA_TRITON_DQ_IMPL", DQ_IMPL, "attention_dq_ws", q, k, v, grad_out)[1]
 
 
-def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> Optional[str]:
+def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                       causal: bool = False) -> Optional[str]:
     """None if the deterministic backward's dK/dV runs the warp-specialised Gluon kernel, else why not."""
-    return _ws_backward_plan(q, k, v, grad_out)[1]
+    return _ws_backward_plan(q, k, v, grad_out, causal)[1]
 
 
-def _ws_backward_plan(q, k, v, grad_out) -> tuple[int, Optional[str]]:
-    """(group splits, None) if the deterministic backward's dK/dV runs the Gluon kernel, else (0, why not)."""
-    module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", "auto" if BWD_IMPL == "persistent" else BWD_IMPL,
+def _ws_backward_plan(q, k, v, grad_out, causal: bool = False) -> tuple[int, Optional[str]]:
+    """(group splits, None) if the deterministic backward's dK/dV runs the Gluon kernel, else (0, why not).
+    Under a causal mask it splits to WS_BWD_CAUSAL_PROGRAMS_FACTOR times the programs where the
+    group allows that, else as it would without the mask."""
+    module, reason = _gluon_reason("MGQA_TRITON_BWD_IMPL", "tl" if BWD_IMPL == "tl" else "auto",
                                    "attention_bwd_ws", q, k, v, grad_out)
     if reason is not None:
         return 0, reason
@@ -253,8 +265,13 @@ def _ws_backward_plan(q, k, v, grad_out) -> tuple[int, Optional[str]]:
     sms = _device_info(q.device)[1]
     batch, kv_heads, n_k = q.shape[0], k.shape[1], k.shape[2]
     max_splits = 1 if BWD_IMPL == "persistent" else WS_BWD_MAX_SPLITS
-    splits = module.group_splits(batch, kv_heads, n_k, q.shape[1] // kv_heads, WS_BWD_MIN_PROGRAMS_PER_SM * sms,
-                                 max_splits)
+    group = q.shape[1] // kv_heads
+    splits = 0
+    if causal:
+        splits = module.group_splits(batch, kv_heads, n_k, group,
+                                     WS_BWD_CAUSAL_PROGRAMS_FACTOR * WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
+    if splits == 0:
+        splits = module.group_splits(batch, kv_heads, n_k, group, WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
     if splits == 0:
         programs = batch * kv_heads * triton.cdiv(n_k, 2 * module.BLOCK_N)
         return 0, (f"{programs} key-block programs (fewer than {WS_BWD_MIN_PROGRAMS_PER_SM} per SM"
@@ -268,14 +285,18 @@ SECTION_KERNELS: tuple[str, ...] = ("dkdv",)
 FORCE_SECTION_CHUNKS: Optional[int] = None  # tests pin the chunks per section
 _SECTION_L2_SHARE = 0.65  # of the L2 cache, for the data a section's programs share
 _SECTION_WAVES = 4  # programs per section: at least this many times the SM count, where L2 allows
+EVEN_SECTIONS = True  # _sections: the same number of chunks in every section, where it knows the launch
 
 
-def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device) -> dict:
+def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device, chunks: int = 0,
+              programs_per_chunk: int = 0) -> dict:
     """SECTION_PROGRAMS and SECTION_CHUNKS for one launch (attention_common._query_block_program).
 
     ``chunk_bytes``: what the programs of one chunk share through L2 (one KV head's K/V for the
     query-block kernels; one group split's Q/dO for the dK/dV kernel). Without a causal mask every
-    program does the same work and the plain order stays.
+    program does the same work and the plain order stays. Given the launch's ``chunks`` and
+    ``programs_per_chunk``, the sections are evened out (64 chunks in 8 sections of 8, not 7 of 9
+    and a last of 1, whose long programs would start last and finish alone).
     """
     if not causal or CAUSAL_ORDER == "grid" or kernel not in SECTION_KERNELS:
         return dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
@@ -284,8 +305,12 @@ def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device)
     if INTERPRET or not torch.cuda.is_available():
         return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=3)  # small shapes: several chunks, a ragged last
     _, sms, l2_bytes = _device_info(device)
-    chunks = max(1, int(_SECTION_L2_SHARE * l2_bytes) // max(chunk_bytes, 1))
-    return dict(SECTION_PROGRAMS=_SECTION_WAVES * sms, SECTION_CHUNKS=chunks)
+    per_section = max(1, int(_SECTION_L2_SHARE * l2_bytes) // max(chunk_bytes, 1))
+    if chunks > 0 and programs_per_chunk > 0 and EVEN_SECTIONS:
+        # The kernels' section: enough chunks for SECTION_PROGRAMS, at most SECTION_CHUNKS.
+        section = max(min(triton.cdiv(_SECTION_WAVES * sms, programs_per_chunk), per_section), 1)
+        per_section = triton.cdiv(chunks, triton.cdiv(chunks, section))
+    return dict(SECTION_PROGRAMS=_SECTION_WAVES * sms, SECTION_CHUNKS=per_section)
 
 
 def _dkdv_splits(batch: int, kv_heads: int, n_k: int, group: int, device: torch.device) -> int:
@@ -393,7 +418,7 @@ def attention_backward(
             **_sections("dq", causal, 2 * n_k * head_dim * q.element_size(), q.device), **meta,
         )
 
-    ws_splits = _ws_backward_plan(q, k, v, grad_out)[0]
+    ws_splits = _ws_backward_plan(q, k, v, grad_out, causal)[0]
     if ws_splits:
         group_bytes = 2 * meta["GROUP"] // ws_splits * n_q * head_dim * q.element_size()  # one chunk's Q/dO
         ws = _gluon_module("attention_bwd_ws")
@@ -401,9 +426,11 @@ def attention_backward(
         # query step, so that the last step's rows need no mask.
         dq_acc = torch.zeros((batch, heads, triton.cdiv(n_q, ws.BLOCK_M) * ws.BLOCK_M, head_dim),
                              dtype=torch.float32, device=q.device) if atomic_dq else None
+        persistent = not atomic_dq and (BWD_IMPL == "persistent" or (BWD_IMPL == "auto" and meta["GROUP"] == 1))
         ws.launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale,
-                  _sections("dkdv", causal, group_bytes, q.device),
-                  persistent=BWD_IMPL == "persistent" and not atomic_dq, splits=ws_splits, dq_acc=dq_acc)
+                  _sections("dkdv", causal, group_bytes, q.device, batch * kv_heads * ws_splits,
+                            triton.cdiv(n_k, 2 * ws.BLOCK_N)),
+                  persistent=persistent, splits=ws_splits, dq_acc=dq_acc)
         if atomic_dq:
             torch.mul(dq_acc[:, :, :n_q], scale, out=dq)
         return dq, dk, dv

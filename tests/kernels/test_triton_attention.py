@@ -149,7 +149,7 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
     ("MGQA_TRITON_DKDV_ONE_LOOP", "yes", "expected auto, 0 or 1"),
     ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
     ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto or tl"),
-    ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto, persistent or tl"),
+    ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto, tiles, persistent or tl"),
     ("MGQA_TRITON_DQ_IMPL", "on", "expected auto or tl"),
 ])
 def test_bad_kernel_setting_names_the_value(variable, value, expected):
@@ -484,8 +484,9 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert kernels.ws_forward_reason(q, k, k, True, 0.088) is None
     assert kernels.ws_backward_reason(q, k, k, q) is None
     assert kernels.ws_dq_reason(q, k, k, q) is None
-    monkeypatch.setattr(kernels, "BWD_IMPL", "persistent")  # the same kernel file and rules
-    assert kernels.ws_backward_reason(q, k, k, q) is None
+    for impl in ("persistent", "tiles"):  # the same kernel file and rules
+        monkeypatch.setattr(kernels, "BWD_IMPL", impl)
+        assert kernels.ws_backward_reason(q, k, k, q) is None
     monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
     assert kernels.ws_backward_reason(q, k, k, q) == "MGQA_TRITON_BWD_IMPL=tl"
     monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
@@ -495,6 +496,12 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert kernels.ws_forward_reason(q, short, short, False, 0.088) is None
     mqa = _FakeCudaTensor(4, 1, 4096, 128)  # 4 x 1 x 32 key blocks: under two per SM
     assert kernels._ws_backward_plan(q, mqa, mqa, q) == (4, None)  # four splits of the group of 32 fill it
+    # Under a causal mask, twice the programs where the group allows (its sections' long tiles no
+    # longer finish alone); Hkv=8's 1024 programs need no split either way.
+    assert kernels._ws_backward_plan(q, mqa, mqa, q, causal=True) == (8, None)
+    assert kernels._ws_backward_plan(q, k, k, q, causal=True) == (1, None)
+    monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 4)  # 8 not allowed: the unmasked rule's 4
+    assert kernels._ws_backward_plan(q, mqa, mqa, q, causal=True) == (4, None)
     monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 2)
     assert "with up to 2 group splits" in kernels.ws_backward_reason(q, mqa, mqa, q)
     monkeypatch.setattr(kernels, "WS_BWD_MAX_SPLITS", 1)
@@ -522,7 +529,7 @@ def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypat
     calls = []
 
     class FakeKernel:
-        BLOCK_M = 64
+        BLOCK_M = BLOCK_N = 64
 
         @staticmethod
         def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
@@ -545,6 +552,68 @@ def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypat
     assert calls == [dict(shape=(1, 4, 128, 32), dtype=torch.float32, zero=True, persistent=False, splits=1)]
     assert torch.all(dq == 1.0) and dq.shape == q.shape and dq.dtype == q.dtype  # 2.0 x scale 0.5
     assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
+
+
+@pytest.mark.parametrize("impl,kv_heads,expected", [
+    ("auto", 4, True),  # MHA: each key tile's program would cover one head
+    ("auto", 2, False),
+    ("tiles", 4, False),
+    ("persistent", 2, True),
+])
+def test_dkdv_kernel_is_persistent_for_mha_by_default(monkeypatch, impl, kv_heads, expected):
+    """Where the Gluon dK/dV kernel runs, the default takes its persistent variant for MHA only;
+    MGQA_TRITON_BWD_IMPL=tiles and =persistent force one or the other (checked with a stand-in for
+    the kernel, whose dK/dV reach the caller)."""
+    calls = []
+
+    class FakeKernel:
+        BLOCK_M = BLOCK_N = 64
+
+        @staticmethod
+        def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
+                   dq_acc):
+            calls.append(dict(persistent=persistent, splits=splits, dq_acc=dq_acc))
+            dk.fill_(0.5)
+            dv.fill_(0.25)
+
+    monkeypatch.setattr(kernels, "BWD_IMPL", impl)
+    monkeypatch.setattr(kernels, "_ws_backward_plan", lambda *args: (1, None))
+    monkeypatch.setattr(kernels, "_gluon_module", lambda name: FakeKernel)
+    q, k, v = make_inputs(1, 4, kv_heads, 100, 100, 32, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, True, 0.5)
+    dq, dk, dv = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.5)
+    assert calls == [dict(persistent=expected, splits=1, dq_acc=None)]
+    assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
+
+
+@pytest.mark.parametrize("chunks,per_chunk,expected", [
+    (64, 32, 8),  # 9 fit in L2: 8 sections of 8, not 7 of 9 and a last of 1
+    (16, 32, 8),  # 9 fit: 2 sections of 8
+    (9, 32, 9),
+    (64, 128, 5),  # 5 chunks give 4 waves of programs: 13 sections of 5 (the last of 4)
+])
+def test_causal_sections_are_even(monkeypatch, chunks, per_chunk, expected):
+    """The causal dK/dV launch order's sections hold as many chunks as L2 allows, evened out over the
+    launch, so that no last section holds a few chunks whose long programs start last."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    device = torch.device("cuda", 0)
+    l2 = 60 * 2 ** 20
+    monkeypatch.setattr(kernels, "_DEVICE_INFO", {device: ((9, 0), 132, l2)})
+    chunk_bytes = 4 * 2 ** 20  # int(0.65 * 60 MiB) // 4 MiB = 9 chunks fit
+    sections = kernels._sections("dkdv", True, chunk_bytes, device, chunks, per_chunk)
+    assert sections == dict(SECTION_PROGRAMS=4 * 132, SECTION_CHUNKS=expected)
+    ws = pytest.importorskip("mgqa.kernels.attention_bwd_ws", reason="Gluon unavailable in this Triton")
+    order = ws.launch_order(per_chunk, chunks, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"])
+    assert sorted(order) == [(c, n) for c in range(chunks) for n in range(per_chunk)]  # each tile once
+    section_chunks = [len({c for c, _ in order[i:i + expected * per_chunk]})
+                      for i in range(0, len(order), expected * per_chunk)]
+    assert max(section_chunks) - min(section_chunks) <= 1  # no short last section
+    assert kernels._sections("dkdv", True, chunk_bytes, device) == dict(SECTION_PROGRAMS=4 * 132, SECTION_CHUNKS=9)
+    assert kernels._sections("dkdv", False, chunk_bytes, device, chunks, per_chunk) == \
+        dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
+    monkeypatch.setattr(kernels, "EVEN_SECTIONS", False)
+    assert kernels._sections("dkdv", True, chunk_bytes, device, chunks, per_chunk)["SECTION_CHUNKS"] == 9
 
 
 def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
@@ -695,7 +764,7 @@ def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads
     too, with atomics, when determinism is off) or dQ kernel (it also writes delta for dK/dV) runs
     these inputs; dq, dk, dv match the tl deterministic backward's, and forward+backward through it
     matches the float64 reference."""
-    flag, value, off = {"dkdv": ("BWD_IMPL", "auto", "tl"), "dkdv_persistent": ("BWD_IMPL", "persistent", "tl"),
+    flag, value, off = {"dkdv": ("BWD_IMPL", "tiles", "tl"), "dkdv_persistent": ("BWD_IMPL", "persistent", "tl"),
                         "dq": ("DQ_IMPL", "auto", "tl"), "dkdv_dq": ("DETERMINISTIC", False, True)}[kind]
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
     module = kernels._gluon_module("attention_bwd_ws")
