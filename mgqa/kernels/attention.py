@@ -252,6 +252,20 @@ def ws_backward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_o
     return _ws_backward_plan(q, k, v, grad_out, causal)[1]
 
 
+def ws_dkdv_splits(module, batch: int, kv_heads: int, n_k: int, group: int, sms: int, causal: bool,
+                   max_splits: int) -> int:
+    """Group splits of the Gluon dK/dV kernel (``module``: attention_bwd_ws) for a launch on ``sms`` SMs:
+    the fewest that give WS_BWD_MIN_PROGRAMS_PER_SM programs per SM, under a causal mask
+    WS_BWD_CAUSAL_PROGRAMS_FACTOR times that where the group allows; 0 if none does."""
+    splits = 0
+    if causal:
+        splits = module.group_splits(batch, kv_heads, n_k, group,
+                                     WS_BWD_CAUSAL_PROGRAMS_FACTOR * WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
+    if splits == 0:
+        splits = module.group_splits(batch, kv_heads, n_k, group, WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
+    return splits
+
+
 def _ws_backward_plan(q, k, v, grad_out, causal: bool = False) -> tuple[int, Optional[str]]:
     """(group splits, None) if the deterministic backward's dK/dV runs the Gluon kernel, else (0, why not).
     Under a causal mask it splits to WS_BWD_CAUSAL_PROGRAMS_FACTOR times the programs where the
@@ -265,13 +279,7 @@ def _ws_backward_plan(q, k, v, grad_out, causal: bool = False) -> tuple[int, Opt
     sms = _device_info(q.device)[1]
     batch, kv_heads, n_k = q.shape[0], k.shape[1], k.shape[2]
     max_splits = 1 if BWD_IMPL == "persistent" else WS_BWD_MAX_SPLITS
-    group = q.shape[1] // kv_heads
-    splits = 0
-    if causal:
-        splits = module.group_splits(batch, kv_heads, n_k, group,
-                                     WS_BWD_CAUSAL_PROGRAMS_FACTOR * WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
-    if splits == 0:
-        splits = module.group_splits(batch, kv_heads, n_k, group, WS_BWD_MIN_PROGRAMS_PER_SM * sms, max_splits)
+    splits = ws_dkdv_splits(module, batch, kv_heads, n_k, q.shape[1] // kv_heads, sms, causal, max_splits)
     if splits == 0:
         programs = batch * kv_heads * triton.cdiv(n_k, 2 * module.BLOCK_N)
         return 0, (f"{programs} key-block programs (fewer than {WS_BWD_MIN_PROGRAMS_PER_SM} per SM"
@@ -305,8 +313,16 @@ def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device,
     if INTERPRET or not torch.cuda.is_available():
         return dict(SECTION_PROGRAMS=1 << 30, SECTION_CHUNKS=3)  # small shapes: several chunks, a ragged last
     _, sms, l2_bytes = _device_info(device)
+    return section_sizes(chunk_bytes, sms, l2_bytes, chunks, programs_per_chunk, EVEN_SECTIONS)
+
+
+def section_sizes(chunk_bytes: int, sms: int, l2_bytes: int, chunks: int = 0, programs_per_chunk: int = 0,
+                  even: bool = True) -> dict:
+    """``_sections``' SECTION_PROGRAMS and SECTION_CHUNKS for a causal launch on a device with ``sms``
+    SMs and ``l2_bytes`` of L2: as many chunks per section as fit in its share of L2, evened out over
+    the launch where its ``chunks`` and ``programs_per_chunk`` are given (and ``even``)."""
     per_section = max(1, int(_SECTION_L2_SHARE * l2_bytes) // max(chunk_bytes, 1))
-    if chunks > 0 and programs_per_chunk > 0 and EVEN_SECTIONS:
+    if chunks > 0 and programs_per_chunk > 0 and even:
         # The kernels' section: enough chunks for SECTION_PROGRAMS, at most SECTION_CHUNKS.
         section = max(min(triton.cdiv(_SECTION_WAVES * sms, programs_per_chunk), per_section), 1)
         per_section = triton.cdiv(chunks, triton.cdiv(chunks, section))

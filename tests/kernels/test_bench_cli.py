@@ -3,6 +3,7 @@ and say so plainly when there is no CUDA GPU to time, before any work starts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
     ("bench/host_overhead.py", ["--profile", "mgqa_typo"], "unknown implementation(s) ['mgqa_typo']"),
     ("bench/host_parts.py", ["--lengths", "4096,4k"], "--lengths '4096,4k': expected comma-separated integers"),
     ("bench/reduce_throughput.py", ["--variants", "tl_atomic,red_v8"], "unknown variant(s) ['red_v8']"),
+    ("bench/launch_model.py", ["--kv-heads", "1,3"], "--kv-heads '1,3': [3] do not divide 32"),
+    ("bench/launch_model.py", ["--lengths", "4096,-1"], "--lengths '4096,-1': expected positive integers"),
+    ("bench/launch_model.py", ["--l2-mb", "0"], "--l2-mb must be positive, got 0.0"),
 ])
 def test_bad_arguments_name_the_value(script, args, expected):
     proc = run(script, *args)
@@ -40,3 +44,21 @@ def test_without_a_gpu_the_scripts_say_so(script):
     proc = run(script)
     assert proc.returncode == 2
     assert f"{script} needs a CUDA GPU" in proc.stderr
+
+
+def test_launch_model_shows_why_the_launcher_splits_causal_mqa_further(tmp_path):
+    """The CPU model of the causal dK/dV launch (bench/NOTES.md, v19): MQA at 4k with 4 group splits
+    ends far past the ideal (2-chunk sections of 64 programs, fewer than run at once), with the 8 the
+    launcher picks it does not; on a 60 MB L2, Hkv=16's ragged sections (7 of 9 chunks and 1 of 1)
+    overrun where the even ones (8 of 8) do not."""
+    pytest.importorskip("mgqa.kernels.attention_bwd_ws", reason="Gluon unavailable in this Triton")
+    out = tmp_path / "model.json"
+    proc = run("bench/launch_model.py", "--kv-heads", "1,16", "--lengths", "4096", "--l2-mb", "60", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {(row["Hkv"], row["splits"]): row for row in json.loads(out.read_text())["rows"]}
+    assert rows[(1, 4)]["overrun_even"] > 0.15 and rows[(1, 8)]["overrun_even"] < 0.02
+    assert [splits for (kv, splits), row in rows.items() if kv == 1 and row["picked"]] == [8]
+    hkv16 = rows[(16, 1)]
+    assert hkv16["picked"] and hkv16["section_chunks_even"] == 8 and hkv16["section_chunks_ragged"] == 9
+    assert hkv16["overrun_ragged"] > 0.05 and hkv16["overrun_even"] < 0.01
+    assert "<- launcher" in proc.stdout
