@@ -40,6 +40,7 @@ DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETE
                                                                 "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS",
                                                                 "WS_BWD_MIN_PROGRAMS_PER_SM", "WS_BWD_CAUSAL_PROGRAMS_FACTOR",
                                                                 "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
+                                                                "WS_DKDV_TMA_STORE",
                                                                 "SECTION_KERNELS")}
 
 TOKENS = 16384
@@ -109,6 +110,8 @@ MGQA_VARIANTS = {
     "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
     "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14), GQA too
     "mgqa_tiles_bwd": {"BWD_IMPL": "tiles"},  # MHA too: one Gluon dK/dV program per key tile
+    # the persistent dK/dV kernel (MHA) storing dK/dV from registers, as before v19
+    "mgqa_dkdv_register_store": {"WS_DKDV_TMA_STORE": False},
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
     # MQA-like shapes: the Gluon dK/dV kernel's query group split 2 or 4 times as often as the default
     # (smaller chunks of Q/dO to share through L2, more float32 partials to sum)

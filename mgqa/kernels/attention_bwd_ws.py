@@ -461,7 +461,7 @@ def _scheduled_tile(tile, num_n, kv_heads, n_q, n_k, causal, TILE_M: gl.constexp
 @gluon.jit
 def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready,
                    empty, DK, DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal,
-                   qk_scale, sm_scale):
+                   qk_scale, sm_scale, out_descs):
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = q_smem.type.shape[0]
@@ -495,10 +495,13 @@ def _pbwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_s
 
 
 @gluon.jit
-def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
-    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr, TMA_STORE: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple (and, last, the
+    dK/dV descriptors). TMA_STORE: dK/dV leave through this warpgroup's own K/V buffers of the
+    tile, by the copy engine, instead of from registers; the buffers go back to the producer once
+    the copy engine has read them."""
     _, _, _, _, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK, DV, Lse, Delta, Schedule, \
-        Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale = args
+        Rounds, max_rounds, n_q, n_k, kv_heads, group, num_n, causal, qk_scale, sm_scale, out_descs = args
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
@@ -541,14 +544,28 @@ def _pbwd_consume(args, WG: gl.constexpr, PREFETCH: gl.constexpr):
                                 g * steps + masked_steps, (g + 1) * steps, base, lo, n_q, n_k, key_pos, bh0, qk_scale,
                                 False, PREFETCH, (), WG, False)
         base += group * steps
-        # Every matmul reading this K/V set has completed (each step waits for its own): the
-        # producer may refill it while this warpgroup stores dK/dV.
-        mbarrier.arrive(kv_empty.index(kv), count=1)
-        keys = first_key + rows_acc
-        offs = (chunk.to(gl.int64) * n_k + keys)[:, None] * HEAD + offs_d[None, :]
-        key_ok = (keys < n_k)[:, None]
-        gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
-        gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
+        if TMA_STORE:
+            # Every matmul reading this warpgroup's K/V buffers has completed (each step waits for
+            # its own): dK/dV go through them. The copy engine clips keys past n_k.
+            dk_desc, dv_desc = out_descs
+            k_buf = k_smem.index(2 * kv + WG)
+            v_buf = v_smem.index(2 * kv + WG)
+            k_buf.reshape([TILE_N, HEAD]).store((dk * sm_scale).to(k_smem.dtype))
+            v_buf.reshape([TILE_N, HEAD]).store(dv.to(v_smem.dtype))
+            fence_async_shared()  # the generic-proxy stores, before the copy engine reads them
+            tma.async_copy_shared_to_global(dk_desc, [batch, kv_head, first_key, 0], k_buf)
+            tma.async_copy_shared_to_global(dv_desc, [batch, kv_head, first_key, 0], v_buf)
+            tma.store_wait(0)
+            mbarrier.arrive(kv_empty.index(kv), count=1)
+        else:
+            # Every matmul reading this K/V set has completed (each step waits for its own): the
+            # producer may refill it while this warpgroup stores dK/dV.
+            mbarrier.arrive(kv_empty.index(kv), count=1)
+            keys = first_key + rows_acc
+            offs = (chunk.to(gl.int64) * n_k + keys)[:, None] * HEAD + offs_d[None, :]
+            key_ok = (keys < n_k)[:, None]
+            gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+            gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
 @gluon.jit
@@ -561,7 +578,7 @@ def _attn_bwd_dkdv_ws_persistent(
     batch, n_q, n_k, kv_heads, GROUP, qk_scale, sm_scale, max_rounds,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     KV_SETS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    PREFETCH: gl.constexpr,
+    PREFETCH: gl.constexpr, TMA_STORE: gl.constexpr = False,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     heads = kv_heads * GROUP
@@ -587,11 +604,23 @@ def _attn_bwd_dkdv_ws_persistent(
     kv_ready, kv_empty = buffer_barriers(KV_SETS)
     ready, empty = buffer_barriers(STAGES)
 
+    if TMA_STORE:  # dK/dV (contiguous, the inputs' dtype) as the copy engine writes them
+        dk_desc = tma.make_tensor_descriptor(DK, [batch, kv_heads, n_k, HEAD_DIM],
+                                             [(kv_heads * n_k).to(gl.int64) * HEAD_DIM, n_k.to(gl.int64) * HEAD_DIM, HEAD_DIM, 1],
+                                             [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+        dv_desc = tma.make_tensor_descriptor(DV, [batch, kv_heads, n_k, HEAD_DIM],
+                                             [(kv_heads * n_k).to(gl.int64) * HEAD_DIM, n_k.to(gl.int64) * HEAD_DIM, HEAD_DIM, 1],
+                                             [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+        out_descs = (dk_desc, dv_desc)
+    else:
+        out_descs = ()
     args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, kv_empty, ready, empty, DK,
-            DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, GROUP, num_n, CAUSAL, qk_scale, sm_scale)
+            DV, Lse, Delta, Schedule, Rounds, max_rounds, n_q, n_k, kv_heads, GROUP, num_n, CAUSAL, qk_scale, sm_scale,
+            out_descs)
     # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
     # them into run-time values).
-    gl.warp_specialize([(_pbwd_consume, (args, 0, PREFETCH)), (_pbwd_consume, (args, 1, PREFETCH)),
+    gl.warp_specialize([(_pbwd_consume, (args, 0, PREFETCH, TMA_STORE)),
+                        (_pbwd_consume, (args, 1, PREFETCH, TMA_STORE)),
                         (_pbwd_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 def group_splits(batch: int, kv_heads: int, n_k: int, group: int, min_programs: int, max_splits: int) -> int:
@@ -606,7 +635,8 @@ def group_splits(batch: int, kv_heads: int, n_k: int, group: int, min_programs: 
 
 
 def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-           sections: dict, persistent: bool = False, splits: int = 1, dq_acc: Optional[torch.Tensor] = None) -> None:
+           sections: dict, persistent: bool = False, splits: int = 1, dq_acc: Optional[torch.Tensor] = None,
+           tma_store: bool = False) -> None:
     """q, grad_out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; lse, delta (B, H, Nq) float32; dk, dv (B, Hkv, Nk, 128) contiguous; ``sections``
     the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order; ``persistent``: one program per SM
@@ -614,8 +644,9 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     (batch, KV head, key tile), each summing over its share of the group into a float32 partial
     (``group_splits``; not with ``persistent``); ``dq_acc``: a zeroed float32 (B, H, rows, 128) buffer,
     rows a multiple of BLOCK_M and at least Nq, into which the kernel also adds dS K (unscaled dQ,
-    atomics; not with ``persistent``). The caller has set Triton's allocator (in-kernel descriptors
-    need global scratch)."""
+    atomics; not with ``persistent``); ``tma_store``: the persistent kernel writes dK/dV by the copy
+    engine (bench/NOTES.md, v19). The caller has set Triton's allocator (in-kernel descriptors need
+    global scratch)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     tiles = batch * kv_heads * triton.cdiv(n_k, 2 * BLOCK_N)
@@ -634,7 +665,7 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
         _attn_bwd_dkdv_ws_persistent[(programs,)](
             q, k, v, grad_out, lse, delta, dk, dv, schedule, rounds, *strides, batch, n_q, n_k, kv_heads,
             heads // kv_heads, qk_scale, sm_scale, schedule.shape[1], STAGES=stages, KV_SETS=kv_sets,
-            PREFETCH=prefetch, **common,
+            PREFETCH=prefetch, TMA_STORE=tma_store, **common,
         )
         return
     stages, prefetch = SETTINGS[bool(causal)]

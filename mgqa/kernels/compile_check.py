@@ -80,12 +80,14 @@ def variants():
 
 def ws_variants():
     """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV (one program per key tile,
-    persistent, and split over the group) and dQ, causal and not, as their ``launch`` functions run them."""
+    persistent with and without the copy engine's dK/dV stores, and split over the group) and dQ, causal
+    and not, as their ``launch`` functions run them."""
     from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
 
     for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
                         ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
+                        ("dkdvptmaws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
                         ("dkdvsplitws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dkdvdqws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
@@ -97,9 +99,10 @@ def ws_variants():
                 constexprs["STAGES"], constexprs["PREFETCH"] = settings[bool(causal)]
                 constexprs["SPLITS"] = 4 if tag == "dkdvsplitws" else 1  # 4: group splits, float32 partials
                 constexprs["DQ"] = tag == "dkdvdqws"  # dQ too, with float32 atomics
-            elif tag == "dkdvpws":
+            elif tag in ("dkdvpws", "dkdvptmaws"):
                 constexprs["STAGES"], constexprs["PREFETCH"], constexprs["KV_SETS"] = \
                     ws.PERSISTENT_SETTINGS[bool(causal)]
+                constexprs["TMA_STORE"] = tag == "dkdvptmaws"  # dK/dV by the copy engine
             else:
                 constexprs["STAGES"] = ws.STAGES
             yield f"{tag} tma=1 causal={causal}", fn, constexprs, {"num_warps": ws.NUM_WARPS, "maxnreg": ws.MAXNREG}

@@ -533,7 +533,7 @@ def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypat
 
         @staticmethod
         def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
-                   dq_acc):
+                   dq_acc, tma_store):
             calls.append(dict(shape=tuple(dq_acc.shape), dtype=dq_acc.dtype, zero=bool((dq_acc == 0).all()),
                               persistent=persistent, splits=splits))
             dq_acc[:, :, :q.shape[2]] = 2.0
@@ -571,8 +571,8 @@ def test_dkdv_kernel_is_persistent_for_mha_by_default(monkeypatch, impl, kv_head
 
         @staticmethod
         def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
-                   dq_acc):
-            calls.append(dict(persistent=persistent, splits=splits, dq_acc=dq_acc))
+                   dq_acc, tma_store):
+            calls.append(dict(persistent=persistent, splits=splits, dq_acc=dq_acc, tma_store=tma_store))
             dk.fill_(0.5)
             dv.fill_(0.25)
 
@@ -582,7 +582,7 @@ def test_dkdv_kernel_is_persistent_for_mha_by_default(monkeypatch, impl, kv_head
     q, k, v = make_inputs(1, 4, kv_heads, 100, 100, 32, torch.float32)
     out, lse = kernels.attention_forward(q, k, v, True, 0.5)
     dq, dk, dv = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.5)
-    assert calls == [dict(persistent=expected, splits=1, dq_acc=None)]
+    assert calls == [dict(persistent=expected, splits=1, dq_acc=None, tma_store=True)]
     assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
 
 
@@ -756,14 +756,18 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dq", "dkdv_dq"])
+@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dkdv_persistent_regs", "dq", "dkdv_dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent; or computing dQ
-    too, with atomics, when determinism is off) or dQ kernel (it also writes delta for dK/dV) runs
+    """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent, storing dK/dV from
+    registers or by the copy engine; or computing dQ too, with atomics, when determinism is off) or
+    dQ kernel (it also writes delta for dK/dV) runs
     these inputs; dq, dk, dv match the tl deterministic backward's, and forward+backward through it
     matches the float64 reference."""
+    if kind == "dkdv_persistent_regs":  # dK/dV stored from registers, not by the copy engine
+        monkeypatch.setattr(kernels, "WS_DKDV_TMA_STORE", False)
+        kind = "dkdv_persistent"
     flag, value, off = {"dkdv": ("BWD_IMPL", "tiles", "tl"), "dkdv_persistent": ("BWD_IMPL", "persistent", "tl"),
                         "dq": ("DQ_IMPL", "auto", "tl"), "dkdv_dq": ("DETERMINISTIC", False, True)}[kind]
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
