@@ -522,11 +522,10 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert "8.0" in kernels.ws_forward_reason(q, k, k, True, 0.088)
 
 
-def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypatch):
-    """With determinism off where the Gluon dK/dV kernel applies, attention_backward hands it a zeroed
-    float32 dQ buffer padded to its query step, then returns dQ = buffer x scale for the real rows
-    (checked with a stand-in for the kernel: no GPU needed)."""
-    calls = []
+def _fake_dkdv_kernel(calls: list):
+    """A stand-in for attention_bwd_ws (no GPU needed): each launch records its choices in ``calls``
+    and fills dK/dV with 0.5 / 0.25 and a float32 dQ buffer, when given, with 2.0 on its real rows
+    and 99.0 on the overhang of the last query step."""
 
     class FakeKernel:
         BLOCK_M = BLOCK_N = 64
@@ -534,22 +533,32 @@ def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypat
         @staticmethod
         def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
                    dq_acc, tma_store):
-            calls.append(dict(shape=tuple(dq_acc.shape), dtype=dq_acc.dtype, zero=bool((dq_acc == 0).all()),
-                              persistent=persistent, splits=splits))
-            dq_acc[:, :, :q.shape[2]] = 2.0
-            dq_acc[:, :, q.shape[2]:] = 99.0  # the overhang of the last step: never part of dQ
+            buffer = None
+            if dq_acc is not None:
+                buffer = dict(shape=tuple(dq_acc.shape), dtype=dq_acc.dtype, zero=bool((dq_acc == 0).all()))
+                dq_acc[:, :, :q.shape[2]] = 2.0
+                dq_acc[:, :, q.shape[2]:] = 99.0
+            calls.append(dict(persistent=persistent, splits=splits, dq_acc=buffer, tma_store=tma_store))
             dk.fill_(0.5)
             dv.fill_(0.25)
 
+    return FakeKernel
+
+
+def test_fused_dq_path_scales_the_float32_buffer_and_drops_its_padding(monkeypatch):
+    """With determinism off where the Gluon dK/dV kernel applies, attention_backward hands it a zeroed
+    float32 dQ buffer padded to its query step, then returns dQ = buffer x scale for the real rows."""
+    calls = []
     monkeypatch.setattr(kernels, "DETERMINISTIC", False)
     monkeypatch.setattr(kernels, "BWD_IMPL", "persistent")  # the persistent kernel has no fused dQ
     monkeypatch.setattr(kernels, "_ws_backward_plan", lambda *args: (1, None))
-    monkeypatch.setattr(kernels, "_gluon_module", lambda name: FakeKernel)
+    monkeypatch.setattr(kernels, "_gluon_module", lambda name: _fake_dkdv_kernel(calls))
     monkeypatch.setattr(kernels, "_sections", lambda *args: {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1})
     q, k, v = make_inputs(1, 4, 2, 100, 100, 32, torch.float32)
     out, lse = kernels.attention_forward(q, k, v, True, 0.5)
     dq, dk, dv = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.5)
-    assert calls == [dict(shape=(1, 4, 128, 32), dtype=torch.float32, zero=True, persistent=False, splits=1)]
+    assert calls == [dict(persistent=False, splits=1, tma_store=True,
+                          dq_acc=dict(shape=(1, 4, 128, 32), dtype=torch.float32, zero=True))]
     assert torch.all(dq == 1.0) and dq.shape == q.shape and dq.dtype == q.dtype  # 2.0 x scale 0.5
     assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
 
@@ -565,20 +574,9 @@ def test_dkdv_kernel_is_persistent_for_mha_by_default(monkeypatch, impl, kv_head
     MGQA_TRITON_BWD_IMPL=tiles and =persistent force one or the other (checked with a stand-in for
     the kernel, whose dK/dV reach the caller)."""
     calls = []
-
-    class FakeKernel:
-        BLOCK_M = BLOCK_N = 64
-
-        @staticmethod
-        def launch(q, k, v, grad_out, lse, delta, dk, dv, causal, qk_scale, scale, sections, persistent, splits,
-                   dq_acc, tma_store):
-            calls.append(dict(persistent=persistent, splits=splits, dq_acc=dq_acc, tma_store=tma_store))
-            dk.fill_(0.5)
-            dv.fill_(0.25)
-
     monkeypatch.setattr(kernels, "BWD_IMPL", impl)
     monkeypatch.setattr(kernels, "_ws_backward_plan", lambda *args: (1, None))
-    monkeypatch.setattr(kernels, "_gluon_module", lambda name: FakeKernel)
+    monkeypatch.setattr(kernels, "_gluon_module", lambda name: _fake_dkdv_kernel(calls))
     q, k, v = make_inputs(1, 4, kv_heads, 100, 100, 32, torch.float32)
     out, lse = kernels.attention_forward(q, k, v, True, 0.5)
     dq, dk, dv = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, True, 0.5)
