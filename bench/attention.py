@@ -40,7 +40,8 @@ DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETE
                                                                 "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS",
                                                                 "WS_BWD_MIN_PROGRAMS_PER_SM", "WS_BWD_CAUSAL_PROGRAMS_FACTOR",
                                                                 "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
-                                                                "WS_DKDV_TMA_STORE",
+                                                                "WS_DKDV_TMA_STORE", "WS_FWD_PINGPONG",
+                                                                "WS_DQ_OVERLAP", "WS_DQ_PINGPONG",
                                                                 "SECTION_KERNELS")}
 
 TOKENS = 16384
@@ -112,6 +113,18 @@ MGQA_VARIANTS = {
     "mgqa_tiles_bwd": {"BWD_IMPL": "tiles"},  # MHA too: one Gluon dK/dV program per key tile
     # the persistent dK/dV kernel (MHA) storing dK/dV from registers, as before v19
     "mgqa_dkdv_register_store": {"WS_DKDV_TMA_STORE": False},
+    # the Gluon dQ kernel issuing each block's dQ matmul after that block's S and dP, not with the
+    # next block's (as before v20)
+    "mgqa_dq_serial": {"WS_DQ_OVERLAP": False, "WS_DQ_PINGPONG": False},
+    # the Gluon forward's (one program per query tile) and dQ kernel's consumers taking turns to
+    # issue matmuls (ping-pong, v20)
+    "mgqa_fwd_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles"},
+    "mgqa_dq_pingpong": {"WS_DQ_PINGPONG": True},
+    "mgqa_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles", "WS_DQ_PINGPONG": True},
+    # the Gluon forward with one program per query tile, not persistent (as before v20)
+    "mgqa_fwd_tiles": {"FWD_IMPL": "tiles"},
+    # both v20 defaults undone: the forward and dQ kernels as in v19
+    "mgqa_v19": {"FWD_IMPL": "tiles", "WS_DQ_OVERLAP": False},
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
     # MQA-like shapes: the Gluon dK/dV kernel's query group split 2 or 4 times as often as the default
     # (smaller chunks of Q/dO to share through L2, more float32 partials to sum)

@@ -159,8 +159,10 @@ FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divid
 # after another (each head's longest first), which can leave a few long programs running alone.
 CAUSAL_ORDER = _env_choice("MGQA_TRITON_CAUSAL_ORDER", "sections", ("sections", "grid"))
 # Forward kernel. "auto": on sm_90, the warp-specialised Gluon kernel (attention_fwd_ws; head_dim 128,
-# fp16/bf16) where it applies, the tl kernel elsewhere; "tl": always the tl kernel.
-FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tl"))
+# fp16/bf16) where it applies, as its persistent variant (one program per SM walking the query
+# tiles; bench/NOTES.md, v20), the tl kernel elsewhere; "tiles": the Gluon kernel with one program
+# per query tile; "tl": always the tl kernel.
+FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tiles", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
 # (attention_bwd_ws) where it applies, as its persistent variant (one program per SM walking a list of
 # key tiles) where each tile's program would cover one query head (MHA), since there the per-tile
@@ -234,7 +236,8 @@ def _gluon_reason(setting: str, value: str, name: str, *tensors: torch.Tensor, *
 
 def ws_forward_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> Optional[str]:
     """None if the forward runs the warp-specialised Gluon kernel for these inputs, else why not."""
-    _, reason = _gluon_reason("MGQA_TRITON_FWD_IMPL", FWD_IMPL, "attention_fwd_ws", q, k, v, scale=scale)
+    _, reason = _gluon_reason("MGQA_TRITON_FWD_IMPL", "tl" if FWD_IMPL == "tl" else "auto", "attention_fwd_ws", q, k,
+                              v, scale=scale)
     min_keys = WS_MIN_KEYS_CAUSAL if causal else WS_MIN_KEYS
     if reason is None and k.shape[2] < min_keys:
         reason = f"{k.shape[2]} keys (the tl kernel is faster below {min_keys}{' with a causal mask' if causal else ''})"
@@ -297,6 +300,14 @@ EVEN_SECTIONS = True  # _sections: the same number of chunks in every section, w
 # The persistent Gluon dK/dV kernel writes dK/dV by the copy engine, through the tile's K/V buffers,
 # instead of from registers: 4-6% off MHA's 4k causal dK/dV on an H100 (bench/NOTES.md, v19).
 WS_DKDV_TMA_STORE = True
+# The Gluon dQ kernel issues each key block's dQ matmul together with the next block's S and dP, and
+# computes dS under it (2-9% off the dQ kernel on an H100; bench/NOTES.md, v20). Opt-in, measured
+# level or slower: the Gluon forward's and dQ kernel's two consumer warpgroups taking turns to issue
+# their matmuls (FlashAttention-3's ping-pong schedule; the dQ kernel's needs the overlap, the
+# forward's applies to one program per query tile, MGQA_TRITON_FWD_IMPL=tiles).
+WS_DQ_OVERLAP = True
+WS_FWD_PINGPONG = False
+WS_DQ_PINGPONG = False
 
 
 def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device, chunks: int = 0,
@@ -374,7 +385,9 @@ def attention_forward(
     if ws_forward_reason(q, k, v, causal, scale) is None:
         kv_bytes = 2 * n_k * head_dim * q.element_size()
         _gluon_module("attention_fwd_ws").launch(q, k, v, out, lse, causal, scale * math.log2(math.e),
-                                                 _sections("ws_fwd", causal, kv_bytes, q.device))
+                                                 _sections("ws_fwd", causal, kv_bytes, q.device),
+                                                 pingpong=WS_FWD_PINGPONG and FWD_IMPL == "tiles",
+                                                 persistent=FWD_IMPL == "auto")
         return out, lse
     meta = _common_meta(q, k, causal)
 
@@ -423,7 +436,8 @@ def attention_backward(
     elif ws_dq_reason(q, k, v, grad_out) is None:
         _gluon_module("attention_dq_ws").launch(q, k, v, grad_out, out, lse, delta, dq, causal, qk_scale, scale,
                                                 _sections("ws_dq", causal, 2 * n_k * head_dim * q.element_size(),
-                                                          q.device))
+                                                          q.device),
+                                                overlap=WS_DQ_OVERLAP or WS_DQ_PINGPONG, pingpong=WS_DQ_PINGPONG)
     else:
         # The dQ kernel runs first: each of its programs owns a block of query rows, so it also
         # computes those rows' delta (sum_d O dO) for the dK/dV kernel, instead of a separate pass.

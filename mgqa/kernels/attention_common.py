@@ -32,10 +32,20 @@ def _query_block_program(
     few long ones running alone. With one chunk per section this is the plain (chunk, query block,
     member) order.
     """
+    return _query_block_at(tl.program_id(0), tl.num_programs(0), n_q, heads, GROUP, BLOCK_M, CAUSAL,
+                           SECTION_PROGRAMS, SECTION_CHUNKS)
+
+
+@triton.jit
+def _query_block_at(
+    pid, n_programs, n_q, heads, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, SECTION_PROGRAMS,
+    SECTION_CHUNKS,
+):
+    """``_query_block_program`` for position ``pid`` of an order of ``n_programs`` query blocks (a
+    persistent program walks several)."""
     num_m = tl.cdiv(n_q, BLOCK_M)
     per_kv = GROUP * num_m
-    pid = tl.program_id(0)
-    n_chunks = tl.num_programs(0) // per_kv
+    n_chunks = n_programs // per_kv
     section = _section_chunks(per_kv, SECTION_PROGRAMS, SECTION_CHUNKS)
     first = pid // (section * per_kv) * section
     within = pid - first * per_kv

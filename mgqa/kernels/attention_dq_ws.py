@@ -9,6 +9,9 @@ One program owns ``2 * BLOCK_M`` query rows of one query head:
 - two *consumer* warpgroups each own ``BLOCK_M`` rows. A consumer first computes its rows' delta
   (sum_d O dO, stored for the dK/dV kernel), then per key block issues S = Q Kᵀ and dP = dO Vᵀ
   together, computes P while dP runs, then dS and dQ += dS K, and releases the buffer.
+- with ``OVERLAP``, block j's S and dP are issued together with block j-1's dQ += dS K, so that dS_j
+  is computed while that matmul runs (as the forward computes the softmax under P·V); with
+  ``PINGPONG`` too, the consumers take turns to issue (``gluon_common.turn_wait``).
 
 Same contract as ``attention_bwd._attn_bwd_dq``: lse in log2 units (+inf for rows that see no key),
 dQ scaled by ``sm_scale`` and written in the inputs' dtype, delta written as float32.
@@ -27,7 +30,7 @@ from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
     head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_program, stream_kv,
-    register_operand_layout, wgmma_layout,
+    register_operand_layout, turn_barriers, turn_pass, turn_wait, wgmma_layout,
 )
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
@@ -43,7 +46,7 @@ def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, in
 
 @gluon.jit
 def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty,
-                 O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
+                 turn, O, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale):
     # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
     # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
@@ -88,10 +91,91 @@ def _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, del
 
 
 @gluon.jit
-def _dq_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
+def _dq_scores(q_tile, k_smem, j, lse, delta, q_pos, n_k, qk_scale, s, dp, MASKED: gl.constexpr,
+               CAUSAL: gl.constexpr, LEFT: gl.constexpr):
+    """dS of block j (in the registers' operand layout) from its issued S and dP matmuls, with LEFT
+    more matmuls issued after them (they may still run)."""
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
+    op_layout: gl.constexpr = register_operand_layout(wgmma_layout(q_tile.type.shape[1]))
+    s = warpgroup_mma_wait(LEFT + 1, deps=(s,))  # S ready; dP may still run
+    p = gl.exp2(s * qk_scale - lse[:, None])
+    if MASKED:
+        cols = j * TILE_N + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+        keep = cols[None, :] < n_k
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        p = gl.where(keep, p, 0.0)
+    dp = warpgroup_mma_wait(LEFT, deps=(dp,))
+    return gl.convert_layout((p * (dp - delta[:, None])).to(q_tile.dtype), op_layout)
+
+
+@gluon.jit
+def _dq_blocks_overlap(dq, ds, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, turn, lse, delta, start, stop,
+                       q_pos, n_k, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr,
+                       PINGPONG: gl.constexpr):
+    """Blocks [start, stop) after the first: S_j, dP_j and dQ += dS_{j-1} K_{j-1} issued together
+    (turn j), P_j computed while dP_j runs and dS_j while the dQ matmul runs, then block j-1's
+    buffer released to the producer. ``ds`` is dS_{j-1}; returns (dq, dS of the last block)."""
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, wgmma_layout(TILE_N))
+    for j in range(start, stop):
+        stage = j % NSTAGES
+        prev = (j - 1) % NSTAGES
+        mbarrier.wait(kv_ready.index(stage), (j // NSTAGES) & 1)
+        turn_wait(turn, j, WG, PINGPONG)
+        s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_tile, v_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds, k_smem.index(prev), dq, is_async=True)
+        turn_pass(turn, WG, PINGPONG)
+        ds_next = _dq_scores(q_tile, k_smem, j, lse, delta, q_pos, n_k, qk_scale, s, dp, MASKED, CAUSAL, 1)
+        # dS_{j-1} stays in its registers until the matmul reading it is done.
+        dq, ds = warpgroup_mma_wait(0, deps=(dq, ds))
+        mbarrier.arrive(kv_empty.index(prev), count=1)  # one thread; the matmuls reading it are done
+        ds = ds_next
+    return dq, ds
+
+
+@gluon.jit
+def _dq_overlapped(q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, turn, lse, delta, hi_full, n_own, q_pos,
+                   n_k, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """dQ (unscaled, float32) of this warpgroup's rows over its n_own > 0 key blocks, with each
+    block's dQ matmul issued together with the next block's S and dP; turns 0..n_own."""
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    HEAD: gl.constexpr = q_tile.type.shape[1]
+    TILE_N: gl.constexpr = k_smem.type.shape[1]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, wgmma_layout(TILE_N))
+    # Block 0: S and dP, no dQ matmul yet (always masked: cheap, and it may be the diagonal).
+    mbarrier.wait(kv_ready.index(0), 0)
+    turn_wait(turn, 0, WG, PINGPONG)
+    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_tile, v_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    turn_pass(turn, WG, PINGPONG)
+    ds = _dq_scores(q_tile, k_smem, 0, lse, delta, q_pos, n_k, qk_scale, s, dp, True, CAUSAL, 0)
+    dq = gl.zeros([TILE_M, HEAD], gl.float32, wgmma_layout(HEAD))
+    mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
+    dq, ds = _dq_blocks_overlap(dq, ds, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, turn, lse, delta, 1, mid,
+                                q_pos, n_k, qk_scale, False, CAUSAL, WG, PINGPONG)
+    dq, ds = _dq_blocks_overlap(dq, ds, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, turn, lse, delta, mid,
+                                n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, PINGPONG)
+    last = (n_own - 1) % NSTAGES
+    turn_wait(turn, n_own, WG, PINGPONG)
+    dq = warpgroup_mma(ds, k_smem.index(last), dq, is_async=True)
+    turn_pass(turn, WG, PINGPONG)
+    dq, ds = warpgroup_mma_wait(0, deps=(dq, ds))
+    mbarrier.arrive(kv_empty.index(last), count=1)
+    return dq
+
+
+@gluon.jit
+def _dq_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
-    _, _, _, _, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, O, stride_on, Lse, Delta, DQ, q_start, \
-        n_blocks, n_q, n_k, row0, qk_scale, sm_scale = args
+    _, _, _, _, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, turn, O, stride_on, Lse, Delta, DQ, \
+        q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     HEAD: gl.constexpr = q_smem.type.shape[2]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -120,13 +204,24 @@ def _dq_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
     mid = gl.minimum(hi_full, n_own)
     q_pos = rows + (n_k - n_q)
     dq = gl.zeros([TILE_M, HEAD], gl.float32, acc_layout)
-    dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, 0, mid, q_pos, n_k,
-                    qk_scale, False, CAUSAL)
-    dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, mid, n_own, q_pos, n_k,
-                    qk_scale, True, CAUSAL)
+    if OVERLAP:
+        if n_own > 0:
+            dq = _dq_overlapped(q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, turn, lse, delta, hi_full,
+                                n_own, q_pos, n_k, qk_scale, CAUSAL, WG, PINGPONG)
+        else:
+            turn_wait(turn, 0, WG, PINGPONG)  # this warpgroup's turn 0 (it has nothing to issue)
+            turn_pass(turn, WG, PINGPONG)
+    else:
+        dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, 0, mid, q_pos, n_k,
+                        qk_scale, False, CAUSAL)
+        dq = _dq_blocks(dq, q_tile, do_tile, k_smem, v_smem, kv_ready, kv_empty, lse, delta, mid, n_own, q_pos, n_k,
+                        qk_scale, True, CAUSAL)
     # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
-    # right phase) and release it.
+    # right phase) and release it; with OVERLAP each is a turn with nothing to issue.
     for j in range(n_own, n_blocks):
+        if OVERLAP:
+            turn_wait(turn, j + 1, WG, PINGPONG)
+            turn_pass(turn, WG, PINGPONG)
         mbarrier.wait(kv_ready.index(j % NSTAGES), (j // NSTAGES) & 1)
         mbarrier.arrive(kv_empty.index(j % NSTAGES), count=1)
 
@@ -146,7 +241,8 @@ def _attn_bwd_dq_ws(
     stride_ob, stride_oh, stride_on,
     n_q, n_k, heads, GROUP, qk_scale, sm_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr = False,
+    PINGPONG: gl.constexpr = False,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL, SECTION_PROGRAMS,
@@ -162,24 +258,29 @@ def _attn_bwd_dq_ws(
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], do_desc.layout)
     k_smem, v_smem, qd_bar, kv_ready, kv_empty = kv_ring(k_desc, v_desc, STAGES)
+    turn = turn_barriers()
 
     row0 = (batch * heads + head).to(gl.int64) * n_q
     o_base = Out + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
-    args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, o_base,
-            stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale)
+    args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, qd_bar, kv_ready, kv_empty, turn,
+            o_base, stride_on, Lse, Delta, DQ, q_start, n_blocks, n_q, n_k, row0, qk_scale, sm_scale)
     # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
     # them into run-time values).
-    gl.warp_specialize([(_dq_consume, (args, 0, CAUSAL)), (_dq_consume, (args, 1, CAUSAL)), (_dq_producer, args)],
+    gl.warp_specialize([(_dq_consume, (args, 0, CAUSAL, OVERLAP, PINGPONG)),
+                        (_dq_consume, (args, 1, CAUSAL, OVERLAP, PINGPONG)), (_dq_producer, args)],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def launch(q, k, v, grad_out, out, lse, delta, dq, causal: bool, qk_scale: float, sm_scale: float,
-           sections: Optional[dict] = None) -> None:
+           sections: Optional[dict] = None, overlap: bool = False, pingpong: bool = False) -> None:
     """q, grad_out, out (B, H, Nq, 128) and k, v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; lse (B, H, Nq) float32; delta (B, H, Nq) float32 and dq (B, H, Nq, 128), both
     contiguous, are written; ``sections`` the SECTION_PROGRAMS and SECTION_CHUNKS of the launch
-    order (default: one chunk per section). The caller has set Triton's allocator (in-kernel
-    descriptors need global scratch)."""
+    order (default: one chunk per section); ``overlap``: each block's dQ matmul issued with the next
+    block's S and dP; ``pingpong`` (with ``overlap`` only): the consumers take turns to issue. The
+    caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
+    if pingpong and not overlap:
+        raise ValueError("the dQ kernel takes turns (pingpong) only with overlap=True")
     sections = sections or dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -190,5 +291,6 @@ def launch(q, k, v, grad_out, out, lse, delta, dq, causal: bool, qk_scale: float
         grad_out.stride(2), out.stride(0), out.stride(1), out.stride(2), n_q, n_k, heads, heads // kv_heads,
         qk_scale, sm_scale, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"],
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, OVERLAP=overlap, PINGPONG=pingpong,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

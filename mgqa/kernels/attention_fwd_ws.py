@@ -7,7 +7,12 @@ The structure FlashAttention-3 uses, which plain ``tl`` code cannot express (ben
 - two *consumer* warpgroups each own ``BLOCK_M`` query rows of the program's ``2 * BLOCK_M`` and
   share every K/V tile. Each issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back, waits for
   S_j only, and computes block j's softmax while the P·V matmul runs;
-- registers move from the producer to the consumers (``setmaxnreg``).
+- registers move from the producer to the consumers (``setmaxnreg``);
+- with ``PINGPONG``, the two consumers take turns to issue their matmuls (FlashAttention-3's
+  ping-pong schedule): one warpgroup's matmuls run while the other computes its softmax, instead of
+  both issuing at once and then both leaving the tensor cores idle. Each warpgroup takes one turn
+  per key block the program streams, plus one for its last P·V, whether or not it needs the block,
+  so that the two always take the same number of turns.
 
 Same contract as ``attention_fwd._attn_fwd``: (B, H, Nq, D) queries, (B, Hkv, Nk, D) keys and
 values with any row strides, query head h reads KV head h // GROUP, bottom-right causal alignment,
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -31,8 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_program, stream_kv,
-    register_operand_layout, wgmma_layout,
+    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_at, query_block_program,
+    ring_tile, stream_kv, register_operand_layout, turn_barriers, turn_pass, turn_wait, wgmma_layout,
 )
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
@@ -50,8 +56,8 @@ def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, in
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start,
-                 n_blocks, n_q, n_k, out_row0, qk_scale):
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse,
+                 q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
     # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
     # constexpr in it a run-time value.
     TILE_M: gl.constexpr = q_smem.type.shape[1]
@@ -78,11 +84,13 @@ def _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, MASKED: gl.constexpr,
 
 
 @gluon.jit
-def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, start, stop, q_pos, n_k,
-                    qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-    """Blocks [start, stop) after the first: S_j and P_{j-1} V_{j-1} issued together, the softmax of
-    S_j computed while P·V runs, then block j-1's buffer released to the producer."""
-    TILE_N: gl.constexpr = k_smem.type.shape[1]
+def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, start, stop, q_pos, n_k,
+                    qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr,
+                    PINGPONG: gl.constexpr, base=0):
+    """Blocks [start, stop) after the first: S_j and P_{j-1} V_{j-1} issued together (turn j), the
+    softmax of S_j computed while P·V runs, then block j-1's buffer released to the producer. Block
+    j sits in ring buffer number base + j (base: the blocks of the program's earlier query tiles)."""
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
     s_layout: gl.constexpr = wgmma_layout(TILE_N)
     o_layout: gl.constexpr = acc.type.layout
@@ -90,11 +98,13 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
     zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
     offs_n = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
     for j in range(start, stop):
-        stage = j % NSTAGES
-        prev = (j - 1) % NSTAGES
-        mbarrier.wait(kv_ready.index(stage), (j // NSTAGES) & 1)
-        s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        stage = (base + j) % NSTAGES
+        prev = (base + j - 1) % NSTAGES
+        mbarrier.wait(kv_ready.index(stage), ((base + j) // NSTAGES) & 1)
+        turn_wait(turn, j, WG, PINGPONG)
+        s = warpgroup_mma(q_tile, ring_tile(k_smem, stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, ring_tile(v_smem, prev), acc, is_async=True)
+        turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(1, deps=(s,))  # S_j ready; P_{j-1} V_{j-1} may still run
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * TILE_N + offs_n, q_pos, n_k, qk_scale, MASKED, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -105,10 +115,10 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
 
 
 @gluon.jit
-def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
+def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
-    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks, n_q, n_k, out_row0, \
-        qk_scale = args
+    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start, n_blocks, n_q, n_k, \
+        out_row0, qk_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[1]
     HEAD: gl.constexpr = q_smem.type.shape[2]
     TILE_N: gl.constexpr = k_smem.type.shape[1]
@@ -135,23 +145,32 @@ def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
         # Block 0: scores and softmax, no P·V yet (always masked: cheap, and it may be the diagonal).
         zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
         mbarrier.wait(kv_ready.index(0), 0)
+        turn_wait(turn, 0, WG, PINGPONG)
         s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, True, CAUSAL)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
-        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, 1,
-                                              mid, q_pos, n_k, qk_scale, False, CAUSAL)
-        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, mid,
-                                              n_own, q_pos, n_k, qk_scale, True, CAUSAL)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
+                                              1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, PINGPONG)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
+                                              mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, PINGPONG)
         last = (n_own - 1) % NSTAGES
+        turn_wait(turn, n_own, WG, PINGPONG)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        turn_pass(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(last), count=1)
+    else:
+        turn_wait(turn, 0, WG, PINGPONG)  # this warpgroup's turn 0 (it has nothing to issue)
+        turn_pass(turn, WG, PINGPONG)
     # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
-    # right phase) and release it.
+    # right phase) and release it; each is a turn with nothing to issue.
     for j in range(n_own, n_blocks):
+        turn_wait(turn, j + 1, WG, PINGPONG)
+        turn_pass(turn, WG, PINGPONG)
         mbarrier.wait(kv_ready.index(j % NSTAGES), (j // NSTAGES) & 1)
         mbarrier.arrive(kv_empty.index(j % NSTAGES), count=1)
 
@@ -177,7 +196,7 @@ def _attn_fwd_ws(
     stride_vb, stride_vh, stride_vn,
     n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL, SECTION_PROGRAMS,
@@ -191,28 +210,202 @@ def _attn_fwd_ws(
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem, v_smem, q_bar, kv_ready, kv_empty = kv_ring(k_desc, v_desc, STAGES)
+    turn = turn_barriers()
 
     out_row0 = (batch * heads + head).to(gl.int64) * n_q
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, Out, Lse, q_start, n_blocks,
-            n_q, n_k, out_row0, qk_scale)
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start,
+            n_blocks, n_q, n_k, out_row0, qk_scale)
     # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
     # them into run-time values).
-    gl.warp_specialize([(_ws_consume, (args, 0, CAUSAL)), (_ws_consume, (args, 1, CAUSAL)), (_ws_producer, args)],
-                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([(_ws_consume, (args, 0, CAUSAL, PINGPONG)), (_ws_consume, (args, 1, CAUSAL, PINGPONG)),
+                        (_ws_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def launch(q, k, v, out, lse, causal: bool, qk_scale: float, sections: Optional[dict] = None) -> None:
+# The persistent variant (opt-in, ``launch(persistent=True)``): one program per SM walks query tiles
+# pid, pid + P, pid + 2P, ... of the launch order above. Its producer loads the next tile's Q as soon
+# as both consumers have issued their last Q Kᵀ of the tile, and streams that tile's K/V through the
+# same ring without a break, so a tile's set-up (Q and first K/V loads) and the previous tile's
+# last P·V and output store overlap instead of running one after the other.
+
+
+@gluon.jit
+def _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M: gl.constexpr,
+                 TILE_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(batch, head, first row, key blocks both warpgroups need) of query tile ``tile``."""
+    batch, kv_head, head, q_start = query_block_at(tile, n_tiles, n_q, heads, GROUP, 2 * TILE_M, CAUSAL,
+                                                   SECTION_PROGRAMS, SECTION_CHUNKS)
+    _, n_blocks = key_blocks(q_start, 2 * TILE_M, n_q, n_k, TILE_N, CAUSAL)
+    return batch, kv_head, head, q_start, n_blocks
+
+
+@gluon.jit
+def _pfwd_producer(args, CAUSAL: gl.constexpr):
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
+        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale = args
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
+    i = n_q * 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP,
+                                                               SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M, TILE_N,
+                                                               CAUSAL)
+        # A fresh mbarrier counts as having completed the phase before its first.
+        mbarrier.wait(q_empty, (i & 1) ^ 1)
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, head, q_start, 0], q_ready, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [batch, head, q_start + TILE_M, 0], q_ready, q_smem.index(1))
+        for j in range(n_blocks):
+            stage = (base + j) % NSTAGES
+            mbarrier.wait(kv_empty.index(stage), (((base + j) // NSTAGES) & 1) ^ 1)
+            bar = kv_ready.index(stage)
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [batch, kv_head, j * TILE_N, 0], bar, k_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [batch, kv_head, j * TILE_N, 0], bar, v_smem.index(stage))
+        base += n_blocks
+        i += 1
+
+
+@gluon.jit
+def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer warpgroup WG's partition of the persistent forward; ``args`` is the producer's."""
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
+        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale = args
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    HEAD: gl.constexpr = q_smem.type.shape[-1]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = wgmma_layout(TILE_N)
+    o_layout: gl.constexpr = wgmma_layout(HEAD)
+    p_layout: gl.constexpr = register_operand_layout(o_layout)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_tile = q_smem.index(WG).reshape([TILE_M, HEAD])
+    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
+    cols0 = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
+    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
+    base = n_q * 0
+    i = n_q * 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP,
+                                                               SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M, TILE_N,
+                                                               CAUSAL)
+        first_row = q_start + WG * TILE_M
+        hi_full, n_own = key_blocks(first_row, TILE_M, n_q, n_k, TILE_N, CAUSAL)
+        q_pos = first_row + gl.arange(0, TILE_M, layout=row_s) + (n_k - n_q)
+        acc = gl.zeros([TILE_M, HEAD], gl.float32, o_layout)
+        m_i = gl.full([TILE_M], -1.0e30, gl.float32, row_s)
+        l_i = gl.zeros([TILE_M], gl.float32, row_s)
+        mbarrier.wait(q_ready, i & 1)
+        if n_own > 0:
+            mbarrier.wait(kv_ready.index(base % NSTAGES), (base // NSTAGES) & 1)
+            s = warpgroup_mma(q_tile, ring_tile(k_smem, base % NSTAGES).permute((1, 0)), zero_s, use_acc=False,
+                              is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols0, q_pos, n_k, qk_scale, True, CAUSAL)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
+            acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty,
+                                                  turn, 1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, False, base)
+            acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty,
+                                                  turn, mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, False,
+                                                  base)
+            mbarrier.arrive(q_empty, count=1)  # every Q Kᵀ of this tile is done: the next Q may load
+            last = (base + n_own - 1) % NSTAGES
+            acc = warpgroup_mma(p_op, ring_tile(v_smem, last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(last), count=1)
+        else:
+            mbarrier.arrive(q_empty, count=1)
+        for j in range(n_own, n_blocks):
+            mbarrier.wait(kv_ready.index((base + j) % NSTAGES), ((base + j) // NSTAGES) & 1)
+            mbarrier.arrive(kv_empty.index((base + j) % NSTAGES), count=1)
+        base += n_blocks
+        i += 1
+
+        empty = l_i == 0.0
+        lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
+        l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)
+        out = acc / l_o[:, None]
+        out_row0 = (batch * heads + head).to(gl.int64) * n_q
+        rows_o = first_row + gl.arange(0, TILE_M, layout=row_o)
+        ptrs = Out + (out_row0 + rows_o).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
+        gl.store(ptrs, out.to(dtype), mask=(rows_o < n_q)[:, None])
+        rows_s = first_row + gl.arange(0, TILE_M, layout=row_s)
+        gl.store(Lse + (out_row0 + rows_s).to(gl.int64), lse, mask=rows_s < n_q)
+
+
+@gluon.jit
+def _attn_fwd_ws_persistent(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    batch, n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS, n_tiles,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_heads = heads // GROUP
+    # Four-dimensional descriptors over the whole inputs, made once: a program's tiles span batch
+    # entries and heads. The copy engine zero-fills rows past n_q or n_k within each head.
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q, [batch, heads, n_q, HEAD_DIM], [stride_qb, stride_qh, stride_qn, 1],
+                                        [1, 1, BLOCK_M, HEAD_DIM], q_layout)
+    k_desc = tma.make_tensor_descriptor(K, [batch, kv_heads, n_k, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
+                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V, [batch, kv_heads, n_k, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
+                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_empty, count=2)
+    kv_ready, kv_empty = buffer_barriers(STAGES)
+    turn = turn_barriers()  # unused: no turns here (the forward's measured level without them)
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse,
+            n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale)
+    gl.warp_specialize([(_pfwd_consume, (args, 0, CAUSAL)), (_pfwd_consume, (args, 1, CAUSAL)),
+                        (_pfwd_producer, (args, CAUSAL))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
+
+
+def launch(q, k, v, out, lse, causal: bool, qk_scale: float, sections: Optional[dict] = None,
+           pingpong: bool = False, persistent: bool = False) -> None:
     """Run the kernel: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units;
     ``sections`` the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order (default: one chunk per
-    section). The caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
+    section); ``pingpong``: the consumers take turns to issue matmuls; ``persistent``: one program
+    per SM walks the query tiles (``_attn_fwd_ws_persistent``; without turns). The caller has set
+    Triton's allocator (in-kernel descriptors need global scratch)."""
     sections = sections or dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    grid = (batch * heads * triton.cdiv(n_q, 2 * BLOCK_M),)
+    tiles = batch * heads * triton.cdiv(n_q, 2 * BLOCK_M)
+    if persistent:
+        if pingpong:
+            raise ValueError("the persistent forward does not take turns (pingpong=True)")
+        programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _attn_fwd_ws_persistent[(programs,)](
+            q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), batch, n_q, n_k, heads, heads // kv_heads, qk_scale,
+            sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], tiles, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS,
+            PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        )
+        return
+    grid = (tiles,)
     _attn_fwd_ws[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), n_q, n_k, heads, heads // kv_heads, qk_scale,
         sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=pingpong, num_warps=NUM_WARPS,
+        maxnreg=MAXNREG,
     )

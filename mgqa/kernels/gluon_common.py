@@ -1,6 +1,7 @@
 """What the Gluon (warp-specialised, sm_90) kernels share: the layouts of one warpgroup of 4 warps
 issuing ``wgmma`` with the accumulator in registers, the K/V tensor descriptors, the query-block
-program order, the key blocks a block of query rows needs, and which inputs they take."""
+program order, the key blocks a block of query rows needs, the two consumers' turns to issue
+matmuls (ping-pong), and which inputs they take."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from mgqa.kernels.attention_common import _query_block_program
+from mgqa.kernels.attention_common import _query_block_at, _query_block_program
 
 
 # Every Gluon kernel here runs 4 warps (consumer 0, the default partition) + 4 (consumer 1) + 1
@@ -33,6 +34,18 @@ def wgmma_layout(n):
 def register_operand_layout(acc_layout):
     """Layout of a 16-bit A operand held in registers, for a ``wgmma`` with that accumulator layout."""
     return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+
+@triton.constexpr_function
+def _last_two(shape):
+    return [shape[-2], shape[-1]]
+
+
+@gluon.jit
+def ring_tile(ring, stage):
+    """Buffer ``stage`` of a ring of tiles, as a 2-D (rows, head_dim) tile: rings loaded through
+    4-D descriptors hold (1, 1, rows, head_dim) buffers."""
+    return ring.index(stage).reshape(_last_two(ring.type.shape))
 
 
 @gluon.jit
@@ -68,6 +81,16 @@ def query_block_program(n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL: gl.conste
     member) order."""
     batch, kv_head, member, first_row = _query_block_program(n_q, heads, GROUP, ROWS, CAUSAL, SECTION_PROGRAMS,
                                                              SECTION_CHUNKS)
+    return batch, kv_head, kv_head * GROUP + member, first_row
+
+
+@gluon.jit
+def query_block_at(tile, n_tiles, n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL: gl.constexpr, SECTION_PROGRAMS,
+                   SECTION_CHUNKS):
+    """``query_block_program`` for position ``tile`` of the order of ``n_tiles`` query blocks (a
+    persistent program walks several)."""
+    batch, kv_head, member, first_row = _query_block_at(tile, n_tiles, n_q, heads, GROUP, ROWS, CAUSAL,
+                                                        SECTION_PROGRAMS, SECTION_CHUNKS)
     return batch, kv_head, kv_head * GROUP + member, first_row
 
 
@@ -134,3 +157,27 @@ def stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks):
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
         tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Wait until it is warpgroup WG's k-th turn to issue matmuls (a no-op without PINGPONG).
+    Warpgroup 0 goes first: a fresh mbarrier counts as having completed the phase before its first."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Hand the turn to the other warpgroup (one arrival on its barrier)."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def turn_barriers():
+    """The two warpgroups' turn barriers (one arrival completes a phase)."""
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    return turn

@@ -148,7 +148,7 @@ def test_dkdv_single_query_loop_modes(monkeypatch, mode, kv_heads, n_q, n_k):
 @pytest.mark.parametrize("variable,value,expected", [
     ("MGQA_TRITON_DKDV_ONE_LOOP", "yes", "expected auto, 0 or 1"),
     ("MGQA_TRITON_CAUSAL_ORDER", "lpt", "expected sections or grid"),
-    ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto or tl"),
+    ("MGQA_TRITON_FWD_IMPL", "gluon", "expected auto, tiles or tl"),
     ("MGQA_TRITON_BWD_IMPL", "ws", "expected auto, tiles, persistent or tl"),
     ("MGQA_TRITON_DQ_IMPL", "on", "expected auto or tl"),
 ])
@@ -619,6 +619,8 @@ def test_off_cuda_names_why_the_gluon_kernels_are_skipped(monkeypatch):
     if not CUDA:
         assert "not on a CUDA device" in kernels.ws_forward_reason(q, k, v, True, 0.088)
         assert "not on a CUDA device" in kernels.ws_backward_reason(q, k, v, q)
+        monkeypatch.setattr(kernels, "FWD_IMPL", "tiles")  # still the Gluon forward, one program per tile
+        assert "not on a CUDA device" in kernels.ws_forward_reason(q, k, v, True, 0.088)
     monkeypatch.setattr(kernels, "FWD_IMPL", "tl")
     monkeypatch.setattr(kernels, "BWD_IMPL", "tl")
     assert kernels.ws_forward_reason(q, k, v, True, 0.088) == "MGQA_TRITON_FWD_IMPL=tl"
@@ -726,11 +728,20 @@ WS_CASES = [
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("schedule", ["together", "pingpong", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
-def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype):
-    """On sm_90 the Gluon forward runs these inputs; its out and lse match the tl kernel's (lse +inf
-    on the same rows), and forward+backward through it matches the float64 reference."""
+def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype, schedule):
+    """On sm_90 the Gluon forward runs these inputs (one program per query tile, its consumers
+    issuing matmuls together or taking turns, or persistent: a few programs each walking several
+    tiles, some more than others); its out and lse match the tl kernel's (lse +inf on the same
+    rows), and forward+backward through it matches the float64 reference."""
+    impl = "auto" if schedule == "persistent" else "tiles"
+    monkeypatch.setattr(kernels, "WS_FWD_PINGPONG", schedule == "pingpong")
+    monkeypatch.setattr(kernels, "FWD_IMPL", impl)
+    module = kernels._gluon_module("attention_fwd_ws")
+    if schedule == "persistent" and not isinstance(module, str):
+        monkeypatch.setattr(module, "MAX_PROGRAMS", 3)
     monkeypatch.setattr(kernels, "WS_MIN_KEYS", 1)  # short cases exercise the masks
     monkeypatch.setattr(kernels, "WS_MIN_KEYS_CAUSAL", 1)
     q, k, v = make_inputs(batch, heads, kv_heads, n_q, n_k, 128, dtype, layout="strided")
@@ -743,7 +754,7 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
     out_ws, lse_ws = kernels.attention_forward(q, k, v, causal, scale)
     monkeypatch.setattr(kernels, "FWD_IMPL", "tl")
     out_tl, lse_tl = kernels.attention_forward(q, k, v, causal, scale)
-    monkeypatch.setattr(kernels, "FWD_IMPL", "auto")
+    monkeypatch.setattr(kernels, "FWD_IMPL", impl)
     assert torch.equal(torch.isinf(lse_ws), torch.isinf(lse_tl))
     seen = torch.isfinite(lse_tl)
     assert torch.allclose(lse_ws[seen], lse_tl[seen], atol=1e-3, rtol=1e-4)
@@ -754,18 +765,25 @@ def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dkdv_persistent_regs", "dq", "dkdv_dq"])
+@pytest.mark.parametrize("kind", ["dkdv", "dkdv_persistent", "dkdv_persistent_regs", "dq", "dq_serial", "dq_pingpong",
+                                  "dkdv_dq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_backward(monkeypatch, kind, batch, heads, kv_heads, n_q, n_k, causal, dtype):
     """On sm_90 the Gluon dK/dV kernel (one program per key tile, or persistent, storing dK/dV from
     registers or by the copy engine; or computing dQ too, with atomics, when determinism is off) or
-    dQ kernel (it also writes delta for dK/dV) runs
+    dQ kernel (it also writes delta for dK/dV; each block's dQ matmul issued with the next block's S
+    and dP, by default, with the consumers taking turns too, or after its own S and dP) runs
     these inputs; dq, dk, dv match the tl deterministic backward's, and forward+backward through it
     matches the float64 reference."""
     if kind == "dkdv_persistent_regs":  # dK/dV stored from registers, not by the copy engine
         monkeypatch.setattr(kernels, "WS_DKDV_TMA_STORE", False)
         kind = "dkdv_persistent"
+    if kind.startswith("dq_"):
+        overlap, pingpong = {"dq_serial": (False, False), "dq_pingpong": (True, True)}[kind]
+        monkeypatch.setattr(kernels, "WS_DQ_OVERLAP", overlap)
+        monkeypatch.setattr(kernels, "WS_DQ_PINGPONG", pingpong)
+        kind = "dq"
     flag, value, off = {"dkdv": ("BWD_IMPL", "tiles", "tl"), "dkdv_persistent": ("BWD_IMPL", "persistent", "tl"),
                         "dq": ("DQ_IMPL", "auto", "tl"), "dkdv_dq": ("DETERMINISTIC", False, True)}[kind]
     monkeypatch.setattr(kernels, "WS_BWD_MIN_PROGRAMS_PER_SM", 0)  # small cases exercise the masks
