@@ -39,7 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
-from mgqa.kernels.gluon_common import buffer_barriers, kv_descriptors, register_operand_layout, wgmma_layout
+from mgqa.kernels.gluon_common import (
+    buffer_barriers, kv_descriptors, register_operand_layout, wgmma_layout, whole_descriptor,
+)
 
 BLOCK_M = 64  # queries per step
 BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
@@ -585,16 +587,12 @@ def _attn_bwd_dkdv_ws_persistent(
     num_n = gl.cdiv(n_k, 2 * BLOCK_N)
     # Four-dimensional descriptors over the whole inputs, made once: a program's tiles span batch
     # entries and heads. The copy engine zero-fills rows past n_q or n_k within each head.
-    qo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q, [batch, heads, n_q, HEAD_DIM], [stride_qb, stride_qh, stride_qn, 1],
-                                        [1, 1, BLOCK_M, HEAD_DIM], qo_layout)
-    do_desc = tma.make_tensor_descriptor(DO, [batch, heads, n_q, HEAD_DIM], [stride_db, stride_dh, stride_dn, 1],
-                                         [1, 1, BLOCK_M, HEAD_DIM], qo_layout)
-    k_desc = tma.make_tensor_descriptor(K, [batch, kv_heads, n_k, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
-                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V, [batch, kv_heads, n_k, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
-                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    q_desc = whole_descriptor(Q, batch, heads, n_q, stride_qb, stride_qh, stride_qn, BLOCK_M, HEAD_DIM)
+    do_desc = whole_descriptor(DO, batch, heads, n_q, stride_db, stride_dh, stride_dn, BLOCK_M, HEAD_DIM)
+    k_desc = whole_descriptor(K, batch, kv_heads, n_k, stride_kb, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
+    v_desc = whole_descriptor(V, batch, kv_heads, n_k, stride_vb, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
+    qo_layout: gl.constexpr = q_desc.layout
+    kv_layout: gl.constexpr = k_desc.layout
 
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], qo_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], qo_layout)

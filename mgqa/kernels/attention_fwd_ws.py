@@ -39,6 +39,7 @@ from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCE
 from mgqa.kernels.gluon_common import (
     buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_at, query_block_program,
     ring_tile, stream_kv, register_operand_layout, turn_barriers, turn_pass, turn_wait, wgmma_layout,
+    whole_descriptor,
 )
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
@@ -115,55 +116,54 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
 
 
 @gluon.jit
-def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
-    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start, n_blocks, n_q, n_k, \
-        out_row0, qk_scale = args
-    TILE_M: gl.constexpr = q_smem.type.shape[1]
-    HEAD: gl.constexpr = q_smem.type.shape[2]
-    TILE_N: gl.constexpr = k_smem.type.shape[1]
+def _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row, n_blocks, n_q, n_k,
+                  qk_scale, base, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+                  RELEASE_Q: gl.constexpr):
+    """(acc, m_i, l_i) of warpgroup WG's rows from first_row over the program's n_blocks key blocks,
+    streamed through the ring from buffer number ``base`` on (the other warpgroup may need one block
+    more; this one releases the blocks it does not need). RELEASE_Q: arrive on ``q_empty`` once this
+    warpgroup's last Q Kᵀ is done, so that the next tile's Q may load."""
+    TILE_M: gl.constexpr = q_tile.type.shape[0]
+    HEAD: gl.constexpr = q_tile.type.shape[1]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
-    dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = wgmma_layout(TILE_N)
     o_layout: gl.constexpr = wgmma_layout(HEAD)
-    p_layout: gl.constexpr = register_operand_layout(o_layout)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_tile = q_smem.index(WG)
-    first_row = q_start + WG * TILE_M
-
-    # Key blocks this warpgroup needs (the producer streams the program's n_blocks, which the other
-    # warpgroup may need one more of), and how many of them need no mask.
+    # Key blocks this warpgroup needs, and how many of them need no mask.
     hi_full, n_own = key_blocks(first_row, TILE_M, n_q, n_k, TILE_N, CAUSAL)
     q_pos = first_row + gl.arange(0, TILE_M, layout=row_s) + (n_k - n_q)
-
     acc = gl.zeros([TILE_M, HEAD], gl.float32, o_layout)
     m_i = gl.full([TILE_M], -1.0e30, gl.float32, row_s)
     l_i = gl.zeros([TILE_M], gl.float32, row_s)
-    mbarrier.wait(q_bar, 0)
     if n_own > 0:
         # Block 0: scores and softmax, no P·V yet (always masked: cheap, and it may be the diagonal).
         zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
-        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(kv_ready.index(base % NSTAGES), (base // NSTAGES) & 1)
         turn_wait(turn, 0, WG, PINGPONG)
-        s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_tile, ring_tile(k_smem, base % NSTAGES).permute((1, 0)), zero_s, use_acc=False,
+                          is_async=True)
         turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, True, CAUSAL)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(p.to(q_tile.dtype), register_operand_layout(o_layout))
         mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
         acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
-                                              1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, PINGPONG)
+                                              1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, PINGPONG, base)
         acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
-                                              mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, PINGPONG)
-        last = (n_own - 1) % NSTAGES
+                                              mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, PINGPONG, base)
+        if RELEASE_Q:
+            mbarrier.arrive(q_empty, count=1)
+        last = (base + n_own - 1) % NSTAGES
         turn_wait(turn, n_own, WG, PINGPONG)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma(p_op, ring_tile(v_smem, last), acc, is_async=True)
         turn_pass(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(last), count=1)
     else:
+        if RELEASE_Q:
+            mbarrier.arrive(q_empty, count=1)
         turn_wait(turn, 0, WG, PINGPONG)  # this warpgroup's turn 0 (it has nothing to issue)
         turn_pass(turn, WG, PINGPONG)
     # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
@@ -171,11 +171,20 @@ def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.const
     for j in range(n_own, n_blocks):
         turn_wait(turn, j + 1, WG, PINGPONG)
         turn_pass(turn, WG, PINGPONG)
-        mbarrier.wait(kv_ready.index(j % NSTAGES), (j // NSTAGES) & 1)
-        mbarrier.arrive(kv_empty.index(j % NSTAGES), count=1)
+        mbarrier.wait(kv_ready.index((base + j) % NSTAGES), ((base + j) // NSTAGES) & 1)
+        mbarrier.arrive(kv_empty.index((base + j) % NSTAGES), count=1)
+    return acc, m_i, l_i
 
-    # Rows that see no key (causal with n_q > n_k) output 0 and store lse = +inf, so the
-    # backward's exp2(s - lse) is 0 for them.
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, Out, Lse, out_row0, first_row, n_q):
+    """Out and lse of one warpgroup's rows. Rows that see no key (causal with n_q > n_k) output 0 and
+    store lse = +inf, so the backward's exp2(s - lse) is 0 for them."""
+    TILE_M: gl.constexpr = acc.type.shape[0]
+    HEAD: gl.constexpr = acc.type.shape[1]
+    o_layout: gl.constexpr = acc.type.layout
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    row_s: gl.constexpr = m_i.type.layout
     empty = l_i == 0.0
     lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
     l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)
@@ -183,9 +192,22 @@ def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.const
     rows_o = first_row + gl.arange(0, TILE_M, layout=row_o)
     offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
     ptrs = Out + (out_row0 + rows_o).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
-    gl.store(ptrs, out.to(dtype), mask=(rows_o < n_q)[:, None])
+    gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(rows_o < n_q)[:, None])
     rows_s = first_row + gl.arange(0, TILE_M, layout=row_s)
     gl.store(Lse + (out_row0 + rows_s).to(gl.int64), lse, mask=rows_s < n_q)
+
+
+@gluon.jit
+def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
+    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start, n_blocks, n_q, n_k, \
+        out_row0, qk_scale = args
+    TILE_M: gl.constexpr = q_smem.type.shape[1]
+    first_row = q_start + WG * TILE_M
+    mbarrier.wait(q_bar, 0)
+    acc, m_i, l_i = _consume_tile(q_smem.index(WG), k_smem, v_smem, kv_ready, kv_empty, turn, q_bar, first_row,
+                                  n_blocks, n_q, n_k, qk_scale, 0, CAUSAL, WG, PINGPONG, False)
+    _store_rows(acc, m_i, l_i, Out, Lse, out_row0, first_row, n_q)
 
 
 @gluon.jit
@@ -273,68 +295,21 @@ def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
         n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale = args
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
-    HEAD: gl.constexpr = q_smem.type.shape[-1]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
-    NSTAGES: gl.constexpr = k_smem.type.shape[0]
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = wgmma_layout(TILE_N)
-    o_layout: gl.constexpr = wgmma_layout(HEAD)
-    p_layout: gl.constexpr = register_operand_layout(o_layout)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_tile = q_smem.index(WG).reshape([TILE_M, HEAD])
-    zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
-    cols0 = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
-    offs_d = gl.arange(0, HEAD, layout=gl.SliceLayout(0, o_layout))
-    base = n_q * 0
+    q_tile = ring_tile(q_smem, WG)
+    base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
     i = n_q * 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP,
                                                                SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M, TILE_N,
                                                                CAUSAL)
         first_row = q_start + WG * TILE_M
-        hi_full, n_own = key_blocks(first_row, TILE_M, n_q, n_k, TILE_N, CAUSAL)
-        q_pos = first_row + gl.arange(0, TILE_M, layout=row_s) + (n_k - n_q)
-        acc = gl.zeros([TILE_M, HEAD], gl.float32, o_layout)
-        m_i = gl.full([TILE_M], -1.0e30, gl.float32, row_s)
-        l_i = gl.zeros([TILE_M], gl.float32, row_s)
         mbarrier.wait(q_ready, i & 1)
-        if n_own > 0:
-            mbarrier.wait(kv_ready.index(base % NSTAGES), (base // NSTAGES) & 1)
-            s = warpgroup_mma(q_tile, ring_tile(k_smem, base % NSTAGES).permute((1, 0)), zero_s, use_acc=False,
-                              is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols0, q_pos, n_k, qk_scale, True, CAUSAL)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
-            acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty,
-                                                  turn, 1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, False, base)
-            acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty,
-                                                  turn, mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, False,
-                                                  base)
-            mbarrier.arrive(q_empty, count=1)  # every Q Kᵀ of this tile is done: the next Q may load
-            last = (base + n_own - 1) % NSTAGES
-            acc = warpgroup_mma(p_op, ring_tile(v_smem, last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(last), count=1)
-        else:
-            mbarrier.arrive(q_empty, count=1)
-        for j in range(n_own, n_blocks):
-            mbarrier.wait(kv_ready.index((base + j) % NSTAGES), ((base + j) // NSTAGES) & 1)
-            mbarrier.arrive(kv_empty.index((base + j) % NSTAGES), count=1)
+        acc, m_i, l_i = _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row, n_blocks,
+                                      n_q, n_k, qk_scale, base, CAUSAL, WG, False, True)
         base += n_blocks
         i += 1
-
-        empty = l_i == 0.0
-        lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
-        l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)
-        out = acc / l_o[:, None]
-        out_row0 = (batch * heads + head).to(gl.int64) * n_q
-        rows_o = first_row + gl.arange(0, TILE_M, layout=row_o)
-        ptrs = Out + (out_row0 + rows_o).to(gl.int64)[:, None] * HEAD + offs_d[None, :]
-        gl.store(ptrs, out.to(dtype), mask=(rows_o < n_q)[:, None])
-        rows_s = first_row + gl.arange(0, TILE_M, layout=row_s)
-        gl.store(Lse + (out_row0 + rows_s).to(gl.int64), lse, mask=rows_s < n_q)
+        _store_rows(acc, m_i, l_i, Out, Lse, (batch * heads + head).to(gl.int64) * n_q, first_row, n_q)
 
 
 @gluon.jit
@@ -349,19 +324,13 @@ def _attn_fwd_ws_persistent(
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_heads = heads // GROUP
-    # Four-dimensional descriptors over the whole inputs, made once: a program's tiles span batch
-    # entries and heads. The copy engine zero-fills rows past n_q or n_k within each head.
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q, [batch, heads, n_q, HEAD_DIM], [stride_qb, stride_qh, stride_qn, 1],
-                                        [1, 1, BLOCK_M, HEAD_DIM], q_layout)
-    k_desc = tma.make_tensor_descriptor(K, [batch, kv_heads, n_k, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
-                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
-    v_desc = tma.make_tensor_descriptor(V, [batch, kv_heads, n_k, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
-                                        [1, 1, BLOCK_N, HEAD_DIM], kv_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    # Descriptors over the whole inputs, made once.
+    q_desc = whole_descriptor(Q, batch, heads, n_q, stride_qb, stride_qh, stride_qn, BLOCK_M, HEAD_DIM)
+    k_desc = whole_descriptor(K, batch, kv_heads, n_k, stride_kb, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
+    v_desc = whole_descriptor(V, batch, kv_heads, n_k, stride_vb, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)

@@ -110,6 +110,17 @@ def key_blocks(first_row, rows, n_q, n_k, BLOCK_N: gl.constexpr, CAUSAL: gl.cons
 
 
 @gluon.jit
+def whole_descriptor(X, batch, heads, n_rows, stride_b, stride_h, stride_n, BLOCK: gl.constexpr,
+                     HEAD_DIM: gl.constexpr):
+    """Tensor descriptor of all of a (batch, heads, n_rows, HEAD_DIM) tensor, read in (1, 1, BLOCK,
+    HEAD_DIM) tiles (a persistent program's tiles span batch entries and heads); the copy engine
+    zero-fills rows past n_rows within each head."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK, HEAD_DIM], X.dtype.element_ty)
+    return tma.make_tensor_descriptor(X, [batch, heads, n_rows, HEAD_DIM], [stride_b, stride_h, stride_n, 1],
+                                      [1, 1, BLOCK, HEAD_DIM], layout)
+
+
+@gluon.jit
 def head_rows_descriptor(X, batch, head, stride_b, stride_h, stride_n, n_rows, BLOCK: gl.constexpr,
                          HEAD_DIM: gl.constexpr):
     """Tensor descriptor of one head's (n_rows, HEAD_DIM) rows read in (BLOCK, HEAD_DIM) tiles; the
