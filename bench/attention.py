@@ -41,7 +41,7 @@ DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETE
                                                                 "WS_BWD_MIN_PROGRAMS_PER_SM", "WS_BWD_CAUSAL_PROGRAMS_FACTOR",
                                                                 "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
                                                                 "WS_DKDV_TMA_STORE", "WS_FWD_PINGPONG",
-                                                                "WS_DQ_OVERLAP", "WS_DQ_PINGPONG",
+                                                                "WS_DQ_OVERLAP", "WS_DQ_PINGPONG", "WS_FWD_FIRST_FREE",
                                                                 "SECTION_KERNELS")}
 
 TOKENS = 16384
@@ -123,6 +123,8 @@ MGQA_VARIANTS = {
     "mgqa_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles", "WS_DQ_PINGPONG": True},
     # the Gluon forward with one program per query tile, not persistent (as before v20)
     "mgqa_fwd_tiles": {"FWD_IMPL": "tiles"},
+    # the persistent forward's tiles from host-made first-free lists, not strided
+    "mgqa_fwd_first_free": {"WS_FWD_FIRST_FREE": True},
     # both v20 defaults undone: the forward and dQ kernels as in v19
     "mgqa_v19": {"FWD_IMPL": "tiles", "WS_DQ_OVERLAP": False},
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one

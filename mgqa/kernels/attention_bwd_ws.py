@@ -26,7 +26,6 @@ sm_90 (tests/kernels/test_compile.py) and the GPU suite checks it against the tl
 
 from __future__ import annotations
 
-import heapq
 from typing import Optional
 
 import torch
@@ -39,8 +38,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
-from mgqa.kernels.gluon_common import (
-    buffer_barriers, kv_descriptors, register_operand_layout, wgmma_layout, whole_descriptor,
+from mgqa.kernels.gluon_common import (  # noqa: F401 (first_free_schedule: also this module's)
+    buffer_barriers, cached, first_free_schedule, kv_descriptors, register_operand_layout, schedule_tensors,
+    wgmma_layout, whole_descriptor,
 )
 
 BLOCK_M = 64  # queries per step
@@ -418,37 +418,22 @@ def tile_steps(pid_n: int, n_q: int, n_k: int, causal: bool) -> int:
     return -(-(n_q - lo) // BLOCK_M)
 
 
-def first_free_schedule(costs: list[float], programs: int) -> list[list[int]]:
-    """Positions 0..len(costs)-1, in order, each given to the program that frees up first (the
-    lowest-numbered one on a tie): every program's list is increasing."""
-    free = [(0.0, program) for program in range(programs)]
-    lists: list[list[int]] = [[] for _ in range(programs)]
-    for position, cost in enumerate(costs):
-        time, program = heapq.heappop(free)
-        lists[program].append(position)
-        heapq.heappush(free, (time + cost, program))
-    return lists
-
-
 def persistent_schedule(batch: int, kv_heads: int, n_q: int, n_k: int, group: int, causal: bool, programs: int,
                         sections: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(schedule, rounds) of a persistent launch, cached per launch parameters: program p takes
     tiles ``schedule[p, :rounds[p]]``, each ``chunk * num_n + key block`` (int32, on ``device``)."""
     key = (batch, kv_heads, n_q, n_k, group, bool(causal), programs, sections["SECTION_PROGRAMS"],
            sections["SECTION_CHUNKS"], str(device))
-    if key not in _schedules:
+
+    def build():
         num_n = triton.cdiv(n_k, 2 * BLOCK_N)
         order = launch_order(num_n, batch * kv_heads, sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"])
         costs = [group * tile_steps(pid_n, n_q, n_k, causal) + TILE_SETUP_STEPS for _, pid_n in order]
-        lists = first_free_schedule(costs, programs)
-        table = torch.zeros((programs, max(len(tiles) for tiles in lists)), dtype=torch.int32)
-        for program, tiles in enumerate(lists):
-            table[program, :len(tiles)] = torch.tensor([order[t][0] * num_n + order[t][1] for t in tiles])
-        rounds = torch.tensor([len(tiles) for tiles in lists], dtype=torch.int32)
-        if len(_schedules) >= MAX_SCHEDULES:  # many shapes (e.g. evaluation at varying lengths)
-            _schedules.pop(next(iter(_schedules)))
-        _schedules[key] = (table.to(device), rounds.to(device))
-    return _schedules[key]
+        table, rounds = schedule_tensors(first_free_schedule(costs, programs),
+                                         [chunk * num_n + pid_n for chunk, pid_n in order])
+        return table.to(device), rounds.to(device)
+
+    return cached(_schedules, key, build, MAX_SCHEDULES)
 
 
 @gluon.jit

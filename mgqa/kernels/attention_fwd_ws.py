@@ -12,7 +12,12 @@ The structure FlashAttention-3 uses, which plain ``tl`` code cannot express (ben
   ping-pong schedule): one warpgroup's matmuls run while the other computes its softmax, instead of
   both issuing at once and then both leaving the tensor cores idle. Each warpgroup takes one turn
   per key block the program streams, plus one for its last P·V, whether or not it needs the block,
-  so that the two always take the same number of turns.
+  so that the two always take the same number of turns (opt-in: measured level or slower, v20).
+
+``_attn_fwd_ws`` runs one program per query tile of ``2 * BLOCK_M`` rows; ``_attn_fwd_ws_persistent``
+(the default since v20) one program per SM, walking the tiles, each tile's Q load and first K/V
+loads overlapping the previous tile's last P·V and output store. Both run the same tile body
+(``_consume_tile``).
 
 Same contract as ``attention_fwd._attn_fwd``: (B, H, Nq, D) queries, (B, Hkv, Nk, D) keys and
 values with any row strides, query head h reads KV head h // GROUP, bottom-right causal alignment,
@@ -38,8 +43,8 @@ from mgqa.kernels import gluon_common
 from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
     buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_at, query_block_program,
-    ring_tile, stream_kv, register_operand_layout, turn_barriers, turn_pass, turn_wait, wgmma_layout,
-    whole_descriptor,
+    cached, first_free_schedule, ring_tile, schedule_tensors, stream_kv, register_operand_layout, turn_barriers,
+    turn_pass, turn_wait, wgmma_layout, whole_descriptor,
 )
 
 BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
@@ -261,55 +266,80 @@ def _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTIO
 
 
 @gluon.jit
-def _pfwd_producer(args, CAUSAL: gl.constexpr):
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
-        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale = args
-    TILE_M: gl.constexpr = q_smem.type.shape[-2]
-    TILE_N: gl.constexpr = k_smem.type.shape[-2]
-    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+def _pfwd_producer(args, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
+    n_tiles = args[13]
+    n_q = args[14]
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
     i = n_q * 0
-    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP,
-                                                               SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M, TILE_N,
-                                                               CAUSAL)
-        # A fresh mbarrier counts as having completed the phase before its first.
-        mbarrier.wait(q_empty, (i & 1) ^ 1)
-        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, head, q_start, 0], q_ready, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [batch, head, q_start + TILE_M, 0], q_ready, q_smem.index(1))
-        for j in range(n_blocks):
-            stage = (base + j) % NSTAGES
-            mbarrier.wait(kv_empty.index(stage), (((base + j) // NSTAGES) & 1) ^ 1)
-            bar = kv_ready.index(stage)
-            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, kv_head, j * TILE_N, 0], bar, k_smem.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [batch, kv_head, j * TILE_N, 0], bar, v_smem.index(stage))
-        base += n_blocks
-        i += 1
+    if SCHEDULED:
+        Schedule, Rounds, max_rounds = args[21], args[22], args[23]
+        row = Schedule + gl.program_id(0) * max_rounds
+        for r in range(gl.load(Rounds + gl.program_id(0))):
+            base, i = _produce_tile(args, gl.load(row + r), base, i, CAUSAL)
+    else:
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            base, i = _produce_tile(args, tile, base, i, CAUSAL)
 
 
 @gluon.jit
-def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr):
-    """Consumer warpgroup WG's partition of the persistent forward; ``args`` is the producer's."""
+def _produce_tile(args, tile, base, i, CAUSAL: gl.constexpr):
+    """The producer's work for query tile ``tile``, this program's i-th, whose K/V blocks go into
+    ring buffers from number ``base`` on; returns the next tile's (base, i)."""
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
-        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale = args
+        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, _, _, _ = args
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
-    q_tile = ring_tile(q_smem, WG)
+    NSTAGES: gl.constexpr = k_smem.type.shape[0]
+    batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS,
+                                                           SECTION_CHUNKS, TILE_M, TILE_N, CAUSAL)
+    # A fresh mbarrier counts as having completed the phase before its first.
+    mbarrier.wait(q_empty, (i & 1) ^ 1)
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [batch, head, q_start, 0], q_ready, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [batch, head, q_start + TILE_M, 0], q_ready, q_smem.index(1))
+    for j in range(n_blocks):
+        stage = (base + j) % NSTAGES
+        mbarrier.wait(kv_empty.index(stage), (((base + j) // NSTAGES) & 1) ^ 1)
+        bar = kv_ready.index(stage)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, j * TILE_N, 0], bar, k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, j * TILE_N, 0], bar, v_smem.index(stage))
+    return base + n_blocks, i + 1
+
+
+@gluon.jit
+def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
+    """Consumer warpgroup WG's partition of the persistent forward; ``args`` is the producer's."""
+    n_tiles = args[13]
+    n_q = args[14]
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
     i = n_q * 0
-    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP,
-                                                               SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M, TILE_N,
-                                                               CAUSAL)
-        first_row = q_start + WG * TILE_M
-        mbarrier.wait(q_ready, i & 1)
-        acc, m_i, l_i = _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row, n_blocks,
-                                      n_q, n_k, qk_scale, base, CAUSAL, WG, False, True)
-        base += n_blocks
-        i += 1
-        _store_rows(acc, m_i, l_i, Out, Lse, (batch * heads + head).to(gl.int64) * n_q, first_row, n_q)
+    if SCHEDULED:
+        Schedule, Rounds, max_rounds = args[21], args[22], args[23]
+        row = Schedule + gl.program_id(0) * max_rounds
+        for r in range(gl.load(Rounds + gl.program_id(0))):
+            base, i = _consume_query_tile(args, gl.load(row + r), base, i, WG, CAUSAL)
+    else:
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            base, i = _consume_query_tile(args, tile, base, i, WG, CAUSAL)
+
+
+@gluon.jit
+def _consume_query_tile(args, tile, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """Warpgroup WG's work for query tile ``tile``, this program's i-th, whose K/V blocks sit in
+    ring buffers from number ``base`` on; returns the next tile's (base, i)."""
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
+        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, _, _, _ = args
+    TILE_M: gl.constexpr = q_smem.type.shape[-2]
+    TILE_N: gl.constexpr = k_smem.type.shape[-2]
+    batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS,
+                                                           SECTION_CHUNKS, TILE_M, TILE_N, CAUSAL)
+    first_row = q_start + WG * TILE_M
+    mbarrier.wait(q_ready, i & 1)
+    acc, m_i, l_i = _consume_tile(ring_tile(q_smem, WG), k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row,
+                                  n_blocks, n_q, n_k, qk_scale, base, CAUSAL, WG, False, True)
+    _store_rows(acc, m_i, l_i, Out, Lse, (batch * heads + head).to(gl.int64) * n_q, first_row, n_q)
+    return base + n_blocks, i + 1
 
 
 @gluon.jit
@@ -318,9 +348,9 @@ def _attn_fwd_ws_persistent(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    batch, n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS, n_tiles,
+    batch, n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS, n_tiles, Schedule, Rounds, max_rounds,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCHEDULED: gl.constexpr = False,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_heads = heads // GROUP
@@ -338,36 +368,100 @@ def _attn_fwd_ws_persistent(
     kv_ready, kv_empty = buffer_barriers(STAGES)
     turn = turn_barriers()  # unused: no turns here (the forward's measured level without them)
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse,
-            n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale)
-    gl.warp_specialize([(_pfwd_consume, (args, 0, CAUSAL)), (_pfwd_consume, (args, 1, CAUSAL)),
-                        (_pfwd_producer, (args, CAUSAL))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, Schedule, Rounds, max_rounds)
+    gl.warp_specialize([(_pfwd_consume, (args, 0, CAUSAL, SCHEDULED)), (_pfwd_consume, (args, 1, CAUSAL, SCHEDULED)),
+                        (_pfwd_producer, (args, CAUSAL, SCHEDULED))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
+# A tile's set-up (Q load, first K/V blocks, output store) in key blocks, for the schedule's cost model.
+TILE_SETUP_BLOCKS = 1
+_schedules: dict = {}  # launch parameters -> (schedule, rounds) on the device, the newest MAX_SCHEDULES
+MAX_SCHEDULES = 64
+_no_schedule: dict = {}  # device -> a one-entry int32 tensor standing in for the schedule of a strided launch
+
+
+def tile_order(n_tiles: int, n_q: int, heads: int, group: int, causal: bool, section_programs: int,
+               section_chunks: int) -> list[tuple[int, int, int, int]]:
+    """(batch, KV head, member, first row) of each launch-order position of 2 * BLOCK_M-row query
+    tiles: ``attention_common._query_block_at`` on the host."""
+    rows = 2 * BLOCK_M
+    num_m = -(-n_q // rows)
+    per_kv = group * num_m
+    n_chunks = n_tiles // per_kv
+    kv_heads = heads // group
+    section = max(min(-(-section_programs // per_kv), section_chunks), 1)
+    order = []
+    for pid in range(n_tiles):
+        first = pid // (section * per_kv) * section
+        within = pid - first * per_kv
+        per_block = min(section, n_chunks - first) * group
+        pid_m, rest = divmod(within, per_block)
+        if causal:
+            pid_m = num_m - 1 - pid_m
+        pid_bkv = first + rest // group
+        order.append((pid_bkv // kv_heads, pid_bkv % kv_heads, rest % group, pid_m * rows))
+    return order
+
+
+def tile_blocks(first_row: int, n_q: int, n_k: int, causal: bool) -> int:
+    """Key blocks a query tile from ``first_row`` streams (``gluon_common.key_blocks``' count)."""
+    hi = min(max(first_row + 2 * BLOCK_M + n_k - n_q, 0), n_k) if causal else n_k
+    return -(-hi // BLOCK_N)
+
+
+def forward_schedule(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, causal: bool, programs: int,
+                     sections: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(schedule, rounds) of a first-free persistent forward, cached per launch parameters: program p
+    takes launch-order positions ``schedule[p, :rounds[p]]`` (int32, on ``device``), each position
+    going to the program that frees up first, as the hardware assigns one-tile programs."""
+    key = (batch, heads, kv_heads, n_q, n_k, bool(causal), programs, sections["SECTION_PROGRAMS"],
+           sections["SECTION_CHUNKS"], str(device))
+
+    def build():
+        n_tiles = batch * heads * triton.cdiv(n_q, 2 * BLOCK_M)
+        order = tile_order(n_tiles, n_q, heads, heads // kv_heads, causal, sections["SECTION_PROGRAMS"],
+                           sections["SECTION_CHUNKS"])
+        costs = [tile_blocks(first_row, n_q, n_k, causal) + TILE_SETUP_BLOCKS for _, _, _, first_row in order]
+        table, rounds = schedule_tensors(first_free_schedule(costs, programs), list(range(n_tiles)))
+        return table.to(device), rounds.to(device)
+
+    return cached(_schedules, key, build, MAX_SCHEDULES)
 
 
 def launch(q, k, v, out, lse, causal: bool, qk_scale: float, sections: Optional[dict] = None,
-           pingpong: bool = False, persistent: bool = False) -> None:
+           pingpong: bool = False, persistent: bool = False, first_free: bool = False) -> None:
     """Run the kernel: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
     aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units;
     ``sections`` the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order (default: one chunk per
     section); ``pingpong``: the consumers take turns to issue matmuls; ``persistent``: one program
-    per SM walks the query tiles (``_attn_fwd_ws_persistent``; without turns). The caller has set
-    Triton's allocator (in-kernel descriptors need global scratch)."""
+    per SM walks the query tiles (``_attn_fwd_ws_persistent``; without turns): positions p, p + P,
+    p + 2P, ... of the launch order, or with ``first_free`` the lists of ``forward_schedule``. The
+    caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
     sections = sections or dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     tiles = batch * heads * triton.cdiv(n_q, 2 * BLOCK_M)
+    if first_free and not persistent:
+        raise ValueError("first_free=True: the first-free schedule is the persistent forward's (persistent=True)")
     if persistent:
         if pingpong:
             raise ValueError("the persistent forward does not take turns (pingpong=True)")
         programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        if first_free:
+            schedule, rounds = forward_schedule(batch, heads, kv_heads, n_q, n_k, causal, programs, sections,
+                                                q.device)
+        else:
+            if q.device not in _no_schedule:
+                _no_schedule[q.device] = torch.zeros(1, dtype=torch.int32, device=q.device)
+            schedule = rounds = _no_schedule[q.device]
         _attn_fwd_ws_persistent[(programs,)](
             q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), batch, n_q, n_k, heads, heads // kv_heads, qk_scale,
-            sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], tiles, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS,
-            PRODUCER_REGS=PRODUCER_REGS, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+            sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], tiles, schedule, rounds, schedule.shape[-1],
+            HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
+            CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, SCHEDULED=first_free, num_warps=NUM_WARPS,
+            maxnreg=MAXNREG,
         )
         return
     grid = (tiles,)

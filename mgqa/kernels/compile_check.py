@@ -83,12 +83,13 @@ def ws_variants():
     persistent with and without the copy engine's dK/dV stores, and split over the group) and dQ, causal
     and not, as their ``launch`` functions run them; the forward and dQ also with their consumers
     taking turns (ping-pong), dQ with its dQ matmul issued under the next block's (overlap), and the
-    persistent forward."""
+    persistent forward, strided and with first-free tile lists."""
     from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
 
     for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
                         ("fwdppws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
                         ("fwdpws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws_persistent),
+                        ("fwdpfws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws_persistent),
                         ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
                         ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
                         ("dkdvptmaws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
@@ -112,7 +113,9 @@ def ws_variants():
                 constexprs["TMA_STORE"] = tag == "dkdvptmaws"  # dK/dV by the copy engine
             else:
                 constexprs["STAGES"] = ws.STAGES
-                if tag != "fwdpws":  # the persistent forward takes no turns
+                if tag in ("fwdpws", "fwdpfws"):  # the persistent forward takes no turns
+                    constexprs["SCHEDULED"] = tag == "fwdpfws"  # first-free tile lists
+                else:
                     constexprs["PINGPONG"] = tag in ("fwdppws", "dqppws")
                 if tag.startswith("dq"):
                     constexprs["OVERLAP"] = tag in ("dqovws", "dqppws")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.split()[0].endswith("ws") and serialised == "yes":
             failed += 1
             name += " (serialised)"
-        if name.startswith(("fwdws", "fwdppws", "fwdpws", "dqws", "dqovws", "dqppws")) and spills not in ("0", "-"):
+        if name.startswith(("fwdws", "fwdppws", "fwdpws", "fwdpfws", "dqws", "dqovws", "dqppws")) and spills not in ("0", "-"):
             failed += 1
             name += " (spills)"
         print(f"{name:28s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")

@@ -5,7 +5,8 @@ matmuls (ping-pong), and which inputs they take."""
 
 from __future__ import annotations
 
-from typing import Optional
+import heapq
+from typing import Callable, Optional
 
 import triton
 from triton.experimental import gluon
@@ -192,3 +193,37 @@ def turn_barriers():
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     return turn
+
+
+def first_free_schedule(costs: list[float], programs: int) -> list[list[int]]:
+    """Positions 0..len(costs)-1, in order, each given to the program that frees up first (the
+    lowest-numbered one on a tie): every program's list is increasing. What the hardware does with
+    one program per tile, made on the host for a persistent launch."""
+    free = [(0.0, program) for program in range(programs)]
+    lists: list[list[int]] = [[] for _ in range(programs)]
+    for position, cost in enumerate(costs):
+        time, program = heapq.heappop(free)
+        lists[program].append(position)
+        heapq.heappush(free, (time + cost, program))
+    return lists
+
+
+def schedule_tensors(lists: list[list[int]], entries: list[int]):
+    """(schedule, rounds) int32 CPU tensors of a persistent launch: program p takes
+    ``entries[position]`` for each position of ``lists[p]``, in order."""
+    import torch  # noqa: PLC0415 (host side only)
+
+    table = torch.zeros((len(lists), max(1, max(len(positions) for positions in lists))), dtype=torch.int32)
+    for program, positions in enumerate(lists):
+        table[program, :len(positions)] = torch.tensor([entries[p] for p in positions], dtype=torch.int32)
+    return table, torch.tensor([len(positions) for positions in lists], dtype=torch.int32)
+
+
+def cached(cache: dict, key, build: Callable, limit: int):
+    """cache[key], built on first use; the oldest entry goes once there are ``limit`` (many shapes,
+    e.g. evaluation at varying lengths)."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.pop(next(iter(cache)))
+        cache[key] = build()
+    return cache[key]

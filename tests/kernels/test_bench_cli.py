@@ -30,6 +30,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
     ("bench/launch_model.py", ["--kv-heads", "1,3"], "--kv-heads '1,3': [3] do not divide 32"),
     ("bench/launch_model.py", ["--lengths", "4096,-1"], "--lengths '4096,-1': expected positive integers"),
     ("bench/launch_model.py", ["--l2-mb", "0"], "--l2-mb must be positive, got 0.0"),
+    ("bench/forward_walk_model.py", ["--kv-heads", "3"], "--kv-heads 3: must divide 32"),
+    ("bench/forward_walk_model.py", ["--lengths", "3000"], "--lengths 3000: must divide 16384"),
+    ("bench/forward_walk_model.py", ["--setup", "-1"], "--setup -1.0: expected a positive SM count and a set-up >= 0"),
 ])
 def test_bad_arguments_name_the_value(script, args, expected):
     proc = run(script, *args)
@@ -62,3 +65,22 @@ def test_launch_model_shows_why_the_launcher_splits_causal_mqa_further(tmp_path)
     assert hkv16["picked"] and hkv16["section_chunks_even"] == 8 and hkv16["section_chunks_ragged"] == 9
     assert hkv16["overrun_ragged"] > 0.05 and hkv16["overrun_even"] < 0.01
     assert "<- launcher" in proc.stdout
+
+
+def test_forward_walk_model_shows_the_strided_walk_unbalancing_causal_mha(tmp_path):
+    """The CPU model of the persistent forward's walks (bench/NOTES.md, v20): under a causal mask the
+    strided walk ends 12% past the ideal for MHA at 4k (each head's tiles run longest first, so the
+    walk hands some programs mostly long ones) and 3% for Hkv=8; the first-free lists end where the
+    one-program-per-tile launch does; the snake order evens MHA out but not GQA."""
+    pytest.importorskip("mgqa.kernels.attention_fwd_ws", reason="Gluon unavailable in this Triton")
+    out = tmp_path / "walks.json"
+    proc = run("bench/forward_walk_model.py", "--kv-heads", "8,32", "--lengths", "4096,8192", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {(row["Hkv"], row["N"]): row for row in json.loads(out.read_text())["rows"]}
+    assert rows[(32, 4096)]["strided_overrun"] == pytest.approx(0.120, abs=0.005)
+    assert rows[(8, 4096)]["strided_overrun"] == pytest.approx(0.031, abs=0.005)
+    for row in rows.values():
+        assert row["first_free_overrun"] == pytest.approx(row["per_tile_overrun"])
+        assert row["first_free_overrun"] < 0.04
+    assert rows[(8, 8192)]["snake_overrun"] > 0.3
+    assert "first_free" in proc.stdout

@@ -22,6 +22,14 @@ def test_persistent_forward_refuses_turns():
     assert torch.all(out == 7.0) and torch.all(lse == 7.0)  # nothing written
 
 
+def test_first_free_lists_are_the_persistent_forwards_only():
+    q, k, v = _inputs()
+    out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:3], 7.0)
+    with pytest.raises(ValueError, match="first_free=True"):
+        fwd_ws.launch(q, k, v, out, lse, True, 1.0, persistent=False, first_free=True)
+    assert torch.all(out == 7.0) and torch.all(lse == 7.0)
+
+
 def test_dq_kernel_takes_turns_only_with_overlap():
     q, k, v = _inputs()
     dq, delta = torch.full_like(q, 7.0), torch.full(q.shape[:3], 7.0)

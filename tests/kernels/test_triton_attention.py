@@ -728,19 +728,20 @@ WS_CASES = [
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("schedule", ["together", "pingpong", "persistent"])
+@pytest.mark.parametrize("schedule", ["together", "pingpong", "persistent", "persistent_first_free"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n_q,n_k,causal", WS_CASES)
 def test_gpu_warp_specialised_forward(monkeypatch, batch, heads, kv_heads, n_q, n_k, causal, dtype, schedule):
     """On sm_90 the Gluon forward runs these inputs (one program per query tile, its consumers
     issuing matmuls together or taking turns, or persistent: a few programs each walking several
-    tiles, some more than others); its out and lse match the tl kernel's (lse +inf on the same
+    tiles, some more than others, strided or from first-free lists); its out and lse match the tl kernel's (lse +inf on the same
     rows), and forward+backward through it matches the float64 reference."""
-    impl = "auto" if schedule == "persistent" else "tiles"
+    impl = "auto" if schedule.startswith("persistent") else "tiles"
     monkeypatch.setattr(kernels, "WS_FWD_PINGPONG", schedule == "pingpong")
+    monkeypatch.setattr(kernels, "WS_FWD_FIRST_FREE", schedule == "persistent_first_free")
     monkeypatch.setattr(kernels, "FWD_IMPL", impl)
     module = kernels._gluon_module("attention_fwd_ws")
-    if schedule == "persistent" and not isinstance(module, str):
+    if schedule.startswith("persistent") and not isinstance(module, str):
         monkeypatch.setattr(module, "MAX_PROGRAMS", 3)
     monkeypatch.setattr(kernels, "WS_MIN_KEYS", 1)  # short cases exercise the masks
     monkeypatch.setattr(kernels, "WS_MIN_KEYS_CAUSAL", 1)
