@@ -24,7 +24,6 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.launch_model import int_list  # noqa: E402
+from bench.launch_model import model_parser, model_shapes  # noqa: E402
 from mgqa.kernels import attention as kernels  # noqa: E402
 
 TOKENS = 16384
@@ -80,24 +79,12 @@ def model(fwd_ws, kv_heads: int, n: int, causal: bool, sms: int, setup: float) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kv-heads", default="1,8,32", help=f"comma-separated, each dividing {HEADS}")
-    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help=f"comma-separated, each dividing {TOKENS}")
-    parser.add_argument("--sms", type=int, default=132, help="SM count (H100 and H200 SXM: 132)")
+    parser = model_parser(__doc__, "1,8,32", "forward_walk_model.json")
     parser.add_argument("--setup", type=float, default=1.0, help="a tile's set-up cost, in key blocks")
-    parser.add_argument("--non-causal", action="store_true", help="model the unmasked launch")
-    parser.add_argument("--json", default="forward_walk_model.json", help="where to write the rows")
     args = parser.parse_args()
-    kv_heads = int_list(parser, "kv-heads", args.kv_heads)
-    lengths = int_list(parser, "lengths", args.lengths)
-    for h in kv_heads:
-        if HEADS % h:
-            parser.error(f"--kv-heads {h}: must divide {HEADS}")
-    for n in lengths:
-        if TOKENS % n:
-            parser.error(f"--lengths {n}: must divide {TOKENS}")
-    if args.sms < 1 or args.setup < 0:
-        parser.error(f"--sms {args.sms} / --setup {args.setup}: expected a positive SM count and a set-up >= 0")
+    kv_heads, lengths = model_shapes(parser, args)
+    if args.setup < 0:
+        parser.error(f"--setup must be at least 0, got {args.setup}")
     fwd_ws = kernels._gluon_module("attention_fwd_ws")
     if isinstance(fwd_ws, str):
         parser.error(f"the Gluon forward's host code is needed: {fwd_ws}")

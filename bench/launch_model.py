@@ -42,6 +42,30 @@ def int_list(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]
     return values
 
 
+def model_parser(doc: str, kv_heads: str, json_default: str) -> argparse.ArgumentParser:
+    """The arguments the launch models share: --kv-heads, --lengths, --sms, --non-causal, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kv-heads", default=kv_heads, help=f"comma-separated, each dividing {HEADS}")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384",
+                        help=f"comma-separated sequence lengths (batch = {TOKENS} // N)")
+    parser.add_argument("--sms", type=int, default=132, help="SM count (H100 and H200 SXM: 132)")
+    parser.add_argument("--non-causal", action="store_true", help="model the unmasked launch (plain order)")
+    parser.add_argument("--json", default=json_default, help="where to write the rows")
+    return parser
+
+
+def model_shapes(parser: argparse.ArgumentParser, args) -> tuple[list[int], list[int]]:
+    """(KV head counts, lengths) of ``model_parser``'s arguments, checked; a clear error otherwise."""
+    kv_list = int_list(parser, "kv-heads", args.kv_heads)
+    lengths = int_list(parser, "lengths", args.lengths)
+    bad = [kv for kv in kv_list if HEADS % kv]
+    if bad:
+        parser.error(f"--kv-heads {args.kv_heads!r}: {bad} do not divide {HEADS}")
+    if args.sms < 1:
+        parser.error(f"--sms must be at least 1, got {args.sms}")
+    return kv_list, lengths
+
+
 def overrun(costs: list[float], sms: int, ws) -> float:
     """The last SM's finish over the ideal, minus 1, with programs started first-free in order."""
     lists = ws.first_free_schedule(costs, sms)
@@ -79,23 +103,13 @@ def model(ws, kv_heads: int, n: int, causal: bool, sms: int, l2_bytes: int, head
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kv-heads", default="1,2,4,8,16,32", help=f"comma-separated, each dividing {HEADS}")
-    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384",
-                        help=f"comma-separated sequence lengths (batch = {TOKENS} // N)")
-    parser.add_argument("--sms", type=int, default=132, help="SM count (H100 and H200 SXM: 132)")
+    parser = model_parser(__doc__, "1,2,4,8,16,32", "launch_model.json")
     parser.add_argument("--l2-mb", type=float, default=50.0, help="L2 size in MiB (H100: 50, H200: 60)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--max-splits", type=int, default=32, help="largest split to model")
-    parser.add_argument("--non-causal", action="store_true", help="model the unmasked launch (plain order)")
-    parser.add_argument("--json", default="launch_model.json", help="where to write the rows")
     args = parser.parse_args()
-    kv_list = int_list(parser, "kv-heads", args.kv_heads)
-    lengths = int_list(parser, "lengths", args.lengths)
-    bad = [kv for kv in kv_list if HEADS % kv]
-    if bad:
-        parser.error(f"--kv-heads {args.kv_heads!r}: {bad} do not divide {HEADS}")
-    for name, value in (("sms", args.sms), ("head-dim", args.head_dim), ("max-splits", args.max_splits)):
+    kv_list, lengths = model_shapes(parser, args)
+    for name, value in (("head-dim", args.head_dim), ("max-splits", args.max_splits)):
         if value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.l2_mb <= 0:

@@ -266,7 +266,11 @@ def _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTIO
 
 
 @gluon.jit
-def _pfwd_producer(args, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
+def _walk_tiles(args, visit: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
+    """This program's query tiles, in order: positions p, p + P, p + 2P, ... of the launch order, or
+    with SCHEDULED its list from ``forward_schedule``; ``visit(args, (batch, KV head, head, first
+    row, key blocks), base, i, WG, CAUSAL)`` does one partition's work for the program's i-th tile, whose
+    K/V blocks take ring buffers from number ``base`` on."""
     n_tiles = args[13]
     n_q = args[14]
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
@@ -275,23 +279,36 @@ def _pfwd_producer(args, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
         Schedule, Rounds, max_rounds = args[21], args[22], args[23]
         row = Schedule + gl.program_id(0) * max_rounds
         for r in range(gl.load(Rounds + gl.program_id(0))):
-            base, i = _produce_tile(args, gl.load(row + r), base, i, CAUSAL)
+            base, i = _visit_tile(args, gl.load(row + r), base, i, visit, WG, CAUSAL)
     else:
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            base, i = _produce_tile(args, tile, base, i, CAUSAL)
+            base, i = _visit_tile(args, tile, base, i, visit, WG, CAUSAL)
 
 
 @gluon.jit
-def _produce_tile(args, tile, base, i, CAUSAL: gl.constexpr):
-    """The producer's work for query tile ``tile``, this program's i-th, whose K/V blocks go into
-    ring buffers from number ``base`` on; returns the next tile's (base, i)."""
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
-        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, _, _, _ = args
+def _visit_tile(args, tile, base, i, visit: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """``visit`` on launch-order position ``tile``; the next tile's (base, i)."""
+    TILE_M: gl.constexpr = args[3].type.shape[-2]
+    TILE_N: gl.constexpr = args[4].type.shape[-2]
+    where = _tile_blocks(tile, args[13], args[14], args[15], args[16], args[17], args[18], args[19], TILE_M, TILE_N,
+                         CAUSAL)
+    visit(args, where, base, i, WG, CAUSAL)
+    return base + where[4], i + 1
+
+
+@gluon.jit
+def _pfwd_producer(args, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
+    _walk_tiles(args, _produce_tile, 0, CAUSAL, SCHEDULED)
+
+
+@gluon.jit
+def _produce_tile(args, where, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """The producer's work for one query tile (``_walk_tiles``; WG, CAUSAL unused): its Q, then its K/V."""
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty = args[:10]
+    batch, kv_head, head, q_start, n_blocks = where
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
-    batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS,
-                                                           SECTION_CHUNKS, TILE_M, TILE_N, CAUSAL)
     # A fresh mbarrier counts as having completed the phase before its first.
     mbarrier.wait(q_empty, (i & 1) ^ 1)
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
@@ -304,42 +321,27 @@ def _produce_tile(args, tile, base, i, CAUSAL: gl.constexpr):
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [batch, kv_head, j * TILE_N, 0], bar, k_smem.index(stage))
         tma.async_copy_global_to_shared(v_desc, [batch, kv_head, j * TILE_N, 0], bar, v_smem.index(stage))
-    return base + n_blocks, i + 1
 
 
 @gluon.jit
 def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
     """Consumer warpgroup WG's partition of the persistent forward; ``args`` is the producer's."""
-    n_tiles = args[13]
-    n_q = args[14]
-    base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
-    i = n_q * 0
-    if SCHEDULED:
-        Schedule, Rounds, max_rounds = args[21], args[22], args[23]
-        row = Schedule + gl.program_id(0) * max_rounds
-        for r in range(gl.load(Rounds + gl.program_id(0))):
-            base, i = _consume_query_tile(args, gl.load(row + r), base, i, WG, CAUSAL)
-    else:
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            base, i = _consume_query_tile(args, tile, base, i, WG, CAUSAL)
+    _walk_tiles(args, _consume_query_tile, WG, CAUSAL, SCHEDULED)
 
 
 @gluon.jit
-def _consume_query_tile(args, tile, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
-    """Warpgroup WG's work for query tile ``tile``, this program's i-th, whose K/V blocks sit in
-    ring buffers from number ``base`` on; returns the next tile's (base, i)."""
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, n_tiles, \
-        n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, _, _, _ = args
+def _consume_query_tile(args, where, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
+    """Warpgroup WG's work for one query tile (``_walk_tiles``): its rows' output and lse."""
+    _, _, _, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, _, n_q, n_k, heads = \
+        args[:17]
+    qk_scale = args[20]
+    batch, kv_head, head, q_start, n_blocks = where
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
-    TILE_N: gl.constexpr = k_smem.type.shape[-2]
-    batch, kv_head, head, q_start, n_blocks = _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS,
-                                                           SECTION_CHUNKS, TILE_M, TILE_N, CAUSAL)
     first_row = q_start + WG * TILE_M
     mbarrier.wait(q_ready, i & 1)
     acc, m_i, l_i = _consume_tile(ring_tile(q_smem, WG), k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row,
                                   n_blocks, n_q, n_k, qk_scale, base, CAUSAL, WG, False, True)
     _store_rows(acc, m_i, l_i, Out, Lse, (batch * heads + head).to(gl.int64) * n_q, first_row, n_q)
-    return base + n_blocks, i + 1
 
 
 @gluon.jit

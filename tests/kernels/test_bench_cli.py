@@ -30,9 +30,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
     ("bench/launch_model.py", ["--kv-heads", "1,3"], "--kv-heads '1,3': [3] do not divide 32"),
     ("bench/launch_model.py", ["--lengths", "4096,-1"], "--lengths '4096,-1': expected positive integers"),
     ("bench/launch_model.py", ["--l2-mb", "0"], "--l2-mb must be positive, got 0.0"),
-    ("bench/forward_walk_model.py", ["--kv-heads", "3"], "--kv-heads 3: must divide 32"),
-    ("bench/forward_walk_model.py", ["--lengths", "3000"], "--lengths 3000: must divide 16384"),
-    ("bench/forward_walk_model.py", ["--setup", "-1"], "--setup -1.0: expected a positive SM count and a set-up >= 0"),
+    ("bench/launch_model.py", ["--sms", "0"], "--sms must be at least 1, got 0"),
+    ("bench/forward_walk_model.py", ["--kv-heads", "3"], "--kv-heads '3': [3] do not divide 32"),
+    ("bench/forward_walk_model.py", ["--lengths", "4096,x"], "--lengths '4096,x': expected comma-separated integers"),
+    ("bench/forward_walk_model.py", ["--setup", "-1"], "--setup must be at least 0, got -1.0"),
 ])
 def test_bad_arguments_name_the_value(script, args, expected):
     proc = run(script, *args)
