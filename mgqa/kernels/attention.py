@@ -308,11 +308,13 @@ WS_DKDV_TMA_STORE = True
 WS_DQ_OVERLAP = True
 WS_FWD_PINGPONG = False
 WS_DQ_PINGPONG = False
-# The persistent forward's programs take the query tiles from host-made first-free lists
-# (attention_fwd_ws.forward_schedule) instead of positions p, p + P, ...: in the launch model
+# Under a causal mask the persistent forward's programs take the query tiles from host-made
+# first-free lists (attention_fwd_ws.forward_schedule) instead of positions p, p + P, ... (without a
+# mask every tile costs the same and the two assignments are equal): in the launch model
 # (bench/forward_walk_model.py) the strided walk ends 5-12% past the ideal for MHA under a causal
-# mask (4k-16k) and 3% for GQA, the first-free lists 0-3.5% (bench/NOTES.md, v20). Opt-in until timed.
-WS_FWD_FIRST_FREE = False
+# mask (4k-16k) and 3% for GQA, the first-free lists 0-3.5%. On an H100 the forward kernel ran
+# 4-8% faster at 4k-8k causal and 8-19% at MHA 16k causal (bench/NOTES.md, v20b).
+WS_FWD_FIRST_FREE = True
 
 
 def _sections(kernel: str, causal: bool, chunk_bytes: int, device: torch.device, chunks: int = 0,
@@ -393,7 +395,7 @@ def attention_forward(
                                                  _sections("ws_fwd", causal, kv_bytes, q.device),
                                                  pingpong=WS_FWD_PINGPONG and FWD_IMPL == "tiles",
                                                  persistent=FWD_IMPL == "auto",
-                                                 first_free=WS_FWD_FIRST_FREE and FWD_IMPL == "auto")
+                                                 first_free=WS_FWD_FIRST_FREE and causal and FWD_IMPL == "auto")
         return out, lse
     meta = _common_meta(q, k, causal)
 

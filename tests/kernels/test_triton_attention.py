@@ -584,6 +584,38 @@ def test_dkdv_kernel_is_persistent_for_mha_by_default(monkeypatch, impl, kv_head
     assert torch.all(dk == 0.5) and torch.all(dv == 0.25)
 
 
+@pytest.mark.parametrize("impl,causal,first_free,expected", [
+    ("auto", True, True, dict(persistent=True, first_free=True, pingpong=False)),
+    ("auto", False, True, dict(persistent=True, first_free=False, pingpong=False)),  # equal tiles: strided
+    ("auto", True, False, dict(persistent=True, first_free=False, pingpong=False)),
+    ("tiles", True, True, dict(persistent=False, first_free=False, pingpong=False)),
+])
+def test_persistent_forward_takes_first_free_lists_under_a_causal_mask(monkeypatch, impl, causal, first_free,
+                                                                      expected):
+    """Where the Gluon forward runs, the default is persistent, its tiles assigned by first-free lists
+    under a causal mask only (without one every tile costs the same); MGQA_TRITON_FWD_IMPL=tiles
+    launches one program per tile (checked with a stand-in for the kernel, whose output reaches the
+    caller)."""
+    calls = []
+
+    class FakeForward:
+        @staticmethod
+        def launch(q, k, v, out, lse, causal, qk_scale, sections, pingpong, persistent, first_free):
+            calls.append(dict(persistent=persistent, first_free=first_free, pingpong=pingpong))
+            out.fill_(0.5)
+            lse.fill_(1.0)
+
+    monkeypatch.setattr(kernels, "FWD_IMPL", impl)
+    monkeypatch.setattr(kernels, "WS_FWD_FIRST_FREE", first_free)
+    monkeypatch.setattr(kernels, "ws_forward_reason", lambda *args: None)
+    monkeypatch.setattr(kernels, "_gluon_module", lambda name: FakeForward)
+    monkeypatch.setattr(kernels, "_sections", lambda *args: {"SECTION_PROGRAMS": 1, "SECTION_CHUNKS": 1})
+    q, k, v = make_inputs(1, 4, 2, 100, 100, 32, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, causal, 0.5)
+    assert calls == [expected]
+    assert torch.all(out == 0.5) and torch.all(lse == 1.0)
+
+
 @pytest.mark.parametrize("chunks,per_chunk,expected", [
     (64, 32, 8),  # 9 fit in L2: 8 sections of 8, not 7 of 9 and a last of 1
     (16, 32, 8),  # 9 fit: 2 sections of 8
