@@ -123,8 +123,9 @@ MGQA_VARIANTS = {
     "mgqa_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles", "WS_DQ_PINGPONG": True},
     # the Gluon forward with one program per query tile, not persistent (as before v20)
     "mgqa_fwd_tiles": {"FWD_IMPL": "tiles"},
-    # the persistent forward's tiles from host-made first-free lists, not strided
-    "mgqa_fwd_first_free": {"WS_FWD_FIRST_FREE": True},
+    # v20: the persistent forward walking positions p, p + P, ... of the launch order, not the
+    # host-made first-free lists
+    "mgqa_v20": {"WS_FWD_FIRST_FREE": False},
     # both v20 defaults undone: the forward and dQ kernels as in v19
     "mgqa_v19": {"FWD_IMPL": "tiles", "WS_DQ_OVERLAP": False},
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
@@ -158,6 +159,18 @@ def parse_impls(parser: argparse.ArgumentParser, text: str, *extra: str) -> list
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
     return names
+
+
+def int_list(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
+    """The positive integers of the comma-separated ``text`` given as --``name``; anything else is a
+    usage error that names the value."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--{name} {text!r}: expected comma-separated integers")
+    if not values or any(value < 1 for value in values):
+        parser.error(f"--{name} {text!r}: expected positive integers")
+    return values
 
 
 def cuda_missing(script: str) -> bool:
@@ -310,6 +323,12 @@ def main():
                         help="processes that compile every shape's kernels before timing (0: compile while timing)")
     args = parser.parse_args()
     impls = parse_impls(parser, args.impls)
+    lengths = tuple(int_list(parser, "lengths", args.lengths))
+    grid = list(shapes(args.quick, lengths))
+    selected = [s for s in grid if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
+    if not selected:
+        parser.error(f"--only {args.only!r} matches none of the {len(grid)} shapes, written 'D,Hkv,N,causal' "
+                     "with causal 0 or 1 (e.g. 128,8,4096,1)")
     if cuda_missing("bench/attention.py"):
         return 2
     torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
@@ -317,9 +336,6 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s", repeat=args.repeat,
                 flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
-    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
-    selected = [s for s in shapes(args.quick, lengths)
-                if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
     if args.warm_workers > 0:
         start = time.time()
         warm_up(selected, impls, args.dtype, args.warm_workers)

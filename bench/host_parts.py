@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.attention import cuda_missing  # noqa: E402
+from bench.attention import cuda_missing, int_list  # noqa: E402
 from bench.host_overhead import enqueue_us  # noqa: E402
 from mgqa.kernels import attention as A  # noqa: E402
 from mgqa.kernels.attention import _gluon_module  # noqa: E402
@@ -103,10 +103,7 @@ def main() -> int:
     parser.add_argument("--lengths", default="4096,1024", help="sequence lengths (batch = 16384 // N; H=32, Hkv=8)")
     parser.add_argument("--json", default="host_parts.json", help="where to write the results")
     args = parser.parse_args()
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths {args.lengths!r}: expected comma-separated integers")
+    lengths = int_list(parser, "lengths", args.lengths)
     if cuda_missing("bench/host_parts.py"):
         return 2
     rows = []

@@ -26,20 +26,11 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.attention import int_list  # noqa: E402
 from mgqa.kernels import attention as kernels  # noqa: E402
 
 TOKENS = 16384
 HEADS = 32
-
-
-def int_list(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        parser.error(f"--{name} {text!r}: expected comma-separated integers")
-    if not values or any(value < 1 for value in values):
-        parser.error(f"--{name} {text!r}: expected positive integers")
-    return values
 
 
 def model_parser(doc: str, kv_heads: str, json_default: str) -> argparse.ArgumentParser:

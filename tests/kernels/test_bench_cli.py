@@ -20,6 +20,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("script,args,expected", [
     ("bench/attention.py", ["--impls", "mgqa,bogus"], "unknown implementation(s) ['bogus']"),
+    ("bench/attention.py", ["--only", "^128,32,8192,True"],
+     "--only '^128,32,8192,True' matches none of the 48 shapes, written 'D,Hkv,N,causal' with causal 0 or 1"),
+    ("bench/attention.py", ["--lengths", "4096,8k"], "--lengths '4096,8k': expected comma-separated integers"),
     ("bench/attention_kernels.py", ["--impls", "sdpa_flash,nope"], "unknown implementation(s) ['nope']"),
     ("bench/attention_kernels.py", ["--shapes", "128,3,4096,1"], "shape '128,3,4096,1': Hkv must divide 32"),
     ("bench/attention_kernels.py", ["--shapes", "128,8,4096"], "shape '128,8,4096' is not 'D,Hkv,N,causal'"),
