@@ -11,7 +11,9 @@ FLOPs: forward = 4*B*H*N^2*D (halved when causal); forward+backward = 3.5 x forw
 
 Before timing, worker processes run every shape once (``--warm-workers``), so that Triton's and
 Inductor's on-disk caches hold every kernel mgqa's autotuner and FlexAttention will need; the timing
-process then loads them instead of compiling one after another.
+process then loads them instead of compiling one after another. Each group of shapes is printed as it
+finishes; a group whose worker dies, or that is still compiling after ``--warm-timeout`` seconds, is
+named and compiles while timing instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import re
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +220,11 @@ def set_mgqa_flags(name):
 
 
 def warm_worker(task):
-    """Run forward+backward once per shape for every compiled implementation (fills the caches)."""
+    """Run forward+backward once per shape for every compiled implementation (fills the caches);
+    returns what failed, for the timing process to report."""
     shape_list, impls, dtype_name = task
     torch._dynamo.config.cache_size_limit = 256
+    failures = []
     for head_dim, kv_heads, n, causal in shape_list:
         q, k, v, do = make_inputs(head_dim, kv_heads, n, getattr(torch, dtype_name))
         for name in impls:
@@ -227,19 +233,42 @@ def warm_worker(task):
             set_mgqa_flags(name)
             try:
                 IMPLS[name](q, k, v, causal).backward(do)
-            except Exception:  # the timing process reports it
-                pass
+            except Exception as err:  # the timing process times it again and records the error
+                failures.append(f"{name} at {head_dim},{kv_heads},{n},{int(causal)}: {type(err).__name__}")
     torch.cuda.synchronize()
+    return failures
 
 
-def warm_up(shape_list, impls, dtype_name, workers):
-    """Shapes that differ only in N share kernel binaries: one worker per (D, Hkv, causal) group."""
+def warm_up(shape_list, impls, dtype_name, workers, timeout_s, worker=None):
+    """Shapes that differ only in N share kernel binaries: one worker per (D, Hkv, causal) group.
+    Prints each group as it finishes. A group whose worker dies or is still compiling after
+    ``timeout_s`` is named and left to compile while timing; the others' kernels stay cached.
+    ``worker`` (default ``warm_worker``) runs one group."""
     groups = defaultdict(list)
     for shape in shape_list:
         groups[(shape[0], shape[1], shape[3])].append(shape)
-    tasks = [(group, impls, dtype_name) for group in groups.values()]
-    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        pool.map(warm_worker, tasks, chunksize=1)
+    pool = ProcessPoolExecutor(min(workers, len(groups)), mp_context=mp.get_context("spawn"))
+    start = time.time()
+    futures = {pool.submit(worker or warm_worker, (group, impls, dtype_name)): key for key, group in groups.items()}
+    try:
+        for future in as_completed(futures, timeout=timeout_s):
+            head_dim, kv_heads, causal = futures[future]
+            try:
+                failures = future.result()
+            except Exception as err:  # a worker that died takes the pool with it
+                print(f"warm-up of D={head_dim} Hkv={kv_heads} causal={causal} failed: {type(err).__name__}: "
+                      f"{err}", file=sys.stderr, flush=True)
+                continue
+            print(f"  warmed D={head_dim} Hkv={kv_heads} causal={causal} in {time.time() - start:.0f} s"
+                  + (f"; failed there: {', '.join(failures)}" if failures else ""), flush=True)
+    except FuturesTimeout:
+        left = [f"D={d} Hkv={h} causal={c}" for future, (d, h, c) in futures.items() if not future.done()]
+        print(f"warm-up: still compiling after {timeout_s:.0f} s, left to the timing run: {', '.join(left)}",
+              file=sys.stderr, flush=True)
+    finally:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()  # a stuck compile would hold shutdown forever
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
@@ -321,11 +350,15 @@ def main():
                         help="time every implementation this many times per shape, in rounds (the order reversed every other round), and report the median")
     parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes that compile every shape's kernels before timing (0: compile while timing)")
+    parser.add_argument("--warm-timeout", type=float, default=600.0,
+                        help="seconds the warm-up may take; groups of shapes still compiling then compile while timing")
     args = parser.parse_args()
     impls = parse_impls(parser, args.impls)
     lengths = tuple(int_list(parser, "lengths", args.lengths))
     grid = list(shapes(args.quick, lengths))
     selected = [s for s in grid if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
+    if args.warm_timeout <= 0:
+        parser.error(f"--warm-timeout must be positive, got {args.warm_timeout}")
     if not selected:
         parser.error(f"--only {args.only!r} matches none of the {len(grid)} shapes, written 'D,Hkv,N,causal' "
                      "with causal 0 or 1 (e.g. 128,8,4096,1)")
@@ -338,7 +371,7 @@ def main():
                 flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
     if args.warm_workers > 0:
         start = time.time()
-        warm_up(selected, impls, args.dtype, args.warm_workers)
+        warm_up(selected, impls, args.dtype, args.warm_workers, args.warm_timeout)
         meta["warm_up_s"] = time.time() - start
         print(f"compiled the kernels of {len(selected)} shapes in {meta['warm_up_s']:.0f} s", flush=True)
     rows = []

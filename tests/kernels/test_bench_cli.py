@@ -4,8 +4,10 @@ and say so plainly when there is no CUDA GPU to time, before any work starts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     ("bench/attention.py", ["--only", "^128,32,8192,True"],
      "--only '^128,32,8192,True' matches none of the 48 shapes, written 'D,Hkv,N,causal' with causal 0 or 1"),
     ("bench/attention.py", ["--lengths", "4096,8k"], "--lengths '4096,8k': expected comma-separated integers"),
+    ("bench/attention.py", ["--warm-timeout", "0"], "--warm-timeout must be positive, got 0.0"),
     ("bench/attention_kernels.py", ["--impls", "sdpa_flash,nope"], "unknown implementation(s) ['nope']"),
     ("bench/attention_kernels.py", ["--shapes", "128,3,4096,1"], "shape '128,3,4096,1': Hkv must divide 32"),
     ("bench/attention_kernels.py", ["--shapes", "128,8,4096"], "shape '128,8,4096' is not 'D,Hkv,N,causal'"),
@@ -88,3 +91,36 @@ def test_forward_walk_model_shows_the_strided_walk_unbalancing_causal_mha(tmp_pa
         assert row["first_free_overrun"] < 0.04
     assert rows[(8, 8192)]["snake_overrun"] > 0.3
     assert "first_free" in proc.stdout
+
+
+def _warm_group(task):
+    """Stand-in for bench/attention.py's warm-up worker: the D=128 group never finishes, the D=32
+    group's worker dies, the D=64 group reports one implementation that failed."""
+    (head_dim, kv_heads, n, causal), *_ = task[0]
+    if head_dim == 128:
+        time.sleep(120)
+    if head_dim == 32:
+        os._exit(3)
+    return [f"mgqa at {head_dim},{kv_heads},{n},{int(causal)}: RuntimeError"]
+
+
+def test_warm_up_reports_each_group_and_leaves_a_stuck_one_to_the_timing_run(capsys):
+    """A group still compiling at the time limit is named and abandoned (its worker killed) instead of
+    holding the benchmark; a finished group is printed with what failed in it."""
+    from bench.attention import warm_up
+
+    start = time.time()
+    warm_up([(64, 8, 1024, True), (64, 8, 4096, True), (128, 8, 1024, True)], ["mgqa"], "bfloat16", 2, 20.0,
+            worker=_warm_group)
+    assert time.time() - start < 60
+    captured = capsys.readouterr()
+    assert "warmed D=64 Hkv=8 causal=True" in captured.out
+    assert "failed there: mgqa at 64,8,1024,1: RuntimeError" in captured.out
+    assert "still compiling after 20 s, left to the timing run: D=128 Hkv=8 causal=True" in captured.err
+
+
+def test_warm_up_survives_a_worker_that_dies(capsys):
+    from bench.attention import warm_up
+
+    warm_up([(32, 8, 1024, True)], ["mgqa"], "bfloat16", 1, 60.0, worker=_warm_group)
+    assert "warm-up of D=32 Hkv=8 causal=True failed: BrokenProcessPool" in capsys.readouterr().err
