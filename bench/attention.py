@@ -46,6 +46,7 @@ DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETE
                                                                 "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
                                                                 "WS_DKDV_TMA_STORE", "WS_FWD_PINGPONG",
                                                                 "WS_DQ_OVERLAP", "WS_DQ_PINGPONG", "WS_FWD_FIRST_FREE",
+                                                                "WS_MIN_KEYS", "WS_MIN_KEYS_CAUSAL",
                                                                 "SECTION_KERNELS")}
 
 TOKENS = 16384
@@ -130,6 +131,8 @@ MGQA_VARIANTS = {
     # v20: the persistent forward walking positions p, p + P, ... of the launch order, not the
     # host-made first-free lists
     "mgqa_v20": {"WS_FWD_FIRST_FREE": False},
+    # v20b: the tl forward below 2k keys, 4k under a causal mask (the Gluon one from 1k since v20c)
+    "mgqa_v20b": {"WS_MIN_KEYS": 2048, "WS_MIN_KEYS_CAUSAL": 4096},
     # both v20 defaults undone: the forward and dQ kernels as in v19
     "mgqa_v19": {"FWD_IMPL": "tiles", "WS_DQ_OVERLAP": False},
     "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one

@@ -174,12 +174,13 @@ BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tiles", "persis
 # (attention_dq_ws, which also writes delta) where it applies; "tl": always the tl kernel.
 DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "auto", ("auto", "tl"))
 _gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
-# Below this many keys the tl forward runs (bench/NOTES.md, v11): with few key blocks per program the
-# Gluon kernel's set-up (one 229 KB program per SM) costs more than its overlap gains. Measured on
-# an H100: non-causal it gains from 2k keys; causal (half the blocks) it lost 15% at 1k, 0-10% at
-# 2k, and gains from 4k. Tests lower both.
-WS_MIN_KEYS = 2048
-WS_MIN_KEYS_CAUSAL = 4096
+# Below this many keys the tl forward runs. Before the Gluon forward was persistent its per-program
+# set-up made it lose below 2k keys, 4k under a causal mask (bench/NOTES.md, v11); persistent, it
+# pays that once per SM, and on an H100 its kernel ran 11-18% faster than the tl one at 2k causal
+# and 1k non-causal, level at 1k causal (bench/NOTES.md, v20c). Shorter lengths were not measured.
+# Tests lower both.
+WS_MIN_KEYS = 1024
+WS_MIN_KEYS_CAUSAL = 1024
 # Below this many programs per SM the Gluon dK/dV kernel splits the query group over more programs
 # (float32 partials, summed afterwards), at most WS_BWD_MAX_SPLITS ways; where that is not enough the
 # tl kernel, which splits the group too, runs instead. Tests set the minimum to 0. Splitting gained

@@ -491,9 +491,12 @@ def test_gluon_dispatch_reasons_on_an_h100(monkeypatch):
     assert kernels.ws_backward_reason(q, k, k, q) == "MGQA_TRITON_BWD_IMPL=tl"
     monkeypatch.setattr(kernels, "BWD_IMPL", "auto")
     assert "scale -1.0" in kernels.ws_forward_reason(q, k, k, False, -1.0)
-    short = _FakeCudaTensor(4, 8, 2048, 128)
-    assert "2048 keys" in kernels.ws_forward_reason(q, short, short, True, 0.088)  # causal needs 4k
-    assert kernels.ws_forward_reason(q, short, short, False, 0.088) is None
+    short = _FakeCudaTensor(4, 8, 512, 128)  # the tl forward below 1k keys, causal or not
+    assert "512 keys (the tl kernel is faster below 1024 with a causal mask)" in kernels.ws_forward_reason(
+        q, short, short, True, 0.088)
+    assert "512 keys" in kernels.ws_forward_reason(q, short, short, False, 0.088)
+    kv_1k = _FakeCudaTensor(4, 8, 1024, 128)
+    assert kernels.ws_forward_reason(q, kv_1k, kv_1k, True, 0.088) is None
     mqa = _FakeCudaTensor(4, 1, 4096, 128)  # 4 x 1 x 32 key blocks: under two per SM
     assert kernels._ws_backward_plan(q, mqa, mqa, q) == (4, None)  # four splits of the group of 32 fill it
     # Under a causal mask, twice the programs where the group allows (its sections' long tiles no
