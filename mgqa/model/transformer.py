@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mgqa import ops
+
 from mgqa.model.attention import KVCache
 from mgqa.model.config import ConfigError, ModelConfig
 from mgqa.model.decoder import Decoder
@@ -76,6 +78,16 @@ class MGQATransformer(nn.Module):
                 total -= self.pos_emb.weight.numel()
         return total
 
+    def training_flops_per_token(self, seq_len: int) -> int:
+        """Matrix FLOPs of one trained token (forward and backward) at context ``seq_len``.
+
+        6 per non-embedding parameter, plus attention's 6 * depth * heads * head_dim * seq_len,
+        which is 12 * ... halved for the causal mask (the PaLM / nanoGPT MFU convention).
+        """
+        cfg = self.config
+        attention = 6 * cfg.depth * cfg.heads * cfg.resolved_head_dim * seq_len
+        return 6 * self.num_parameters(non_embedding=True) + attention
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes each generated position costs (all layers, K and V)."""
         cfg = self.config
@@ -98,6 +110,20 @@ class MGQATransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """tokens: (B, N) int64 -> logits (B, N, num_tokens). With ``cache``, the tokens continue
         the cached positions and the cache is extended by N."""
+        return self.to_logits(self.hidden_states(tokens, cache=cache))  # (B, N, V)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``tokens`` (B, N) against ``targets`` (B, N), float32.
+
+        Equal to ``F.cross_entropy(self(tokens).flatten(0, 1).float(), targets.flatten())``, computed
+        in chunks of rows so that the batch's full logits are never held (``mgqa.ops.cross_entropy``).
+        """
+        return ops.linear_cross_entropy(
+            self.hidden_states(tokens), self.to_logits.weight, targets, ignore_index=ignore_index
+        )
+
+    def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """tokens: (B, N) int64 -> the final norm's output (B, N, dim), before the LM head."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         n = tokens.shape[1]
@@ -115,7 +141,7 @@ class MGQATransformer(nn.Module):
         x = self.attn_layers(x, rope=rope, cache=cache)  # (B, N, dim)
         if cache is not None:
             cache.advance(n)
-        return self.to_logits(x)  # (B, N, V)
+        return x
 
     @torch.no_grad()
     def generate(

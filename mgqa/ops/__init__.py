@@ -7,6 +7,9 @@
 - ``"triton"``: mgqa's own Triton kernels (``mgqa.kernels``), CUDA only;
 - ``"auto"``: Triton on CUDA where the kernels support the inputs, SDPA otherwise. The choice is
   logged once per distinct reason.
+
+``linear_cross_entropy(hidden, weight, targets)`` is the language-model loss computed in chunks of
+rows, never holding the batch's full logits.
 """
 
 from __future__ import annotations
@@ -16,10 +19,18 @@ from typing import Callable, Optional
 
 import torch
 
+from mgqa.ops.cross_entropy import linear_cross_entropy
 from mgqa.ops.reference import causal_mask, reference_attention
 from mgqa.ops.sdpa import sdpa_attention
 
-__all__ = ["attention", "available_backends", "BackendUnavailable", "causal_mask", "reference_attention"]
+__all__ = [
+    "attention",
+    "available_backends",
+    "BackendUnavailable",
+    "causal_mask",
+    "linear_cross_entropy",
+    "reference_attention",
+]
 
 BACKENDS = ("auto", "sdpa", "reference", "triton")
 log = logging.getLogger("mgqa.ops")
