@@ -67,18 +67,12 @@ class LanguageModel(L.LightningModule):
         return self.model(tokens)
 
     def configure_model(self) -> None:
-        """Compile each block once (Lightning calls this before wrapping the model for DDP/FSDP).
-
-        Per block, as torchtitan does: the blocks share one graph, so compilation costs one block's
-        time whatever the depth, and FSDP's per-block wrapping and activation checkpointing compose
-        with it.
-        """
+        """Compile the blocks once (Lightning calls this before wrapping the model for DDP/FSDP)."""
         if self.compiled:
             return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if self.compile_mode is True or (self.compile_mode == "auto" and on_cuda):
-            for block in self.model.attn_layers.blocks:
-                block.compile()
+            self.model.compile_blocks()
             self.compiled = True
             log.info("torch.compile: %d decoder blocks (compiled on the first step)", len(self.model.attn_layers.blocks))
 
