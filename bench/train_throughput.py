@@ -66,6 +66,17 @@ IMPLS = (
 )
 
 
+def sdpa_choice() -> str:
+    """Which kernel PyTorch's SDPA dispatches a causal GQA call to on this card."""
+    q = torch.randn(1, 16, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    try:
+        choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True)
+        return str(torch.nn.attention.SDPBackend(choice).name)
+    except Exception as err:  # a private API: report rather than fail
+        return f"unknown ({type(err).__name__})"
+
+
 def model_config(shape: dict[str, int], backend: str) -> ModelConfig:
     return ModelConfig(
         dim=shape["dim"],
@@ -170,7 +181,24 @@ def build(impl: str, shape: dict[str, int]) -> tuple[torch.nn.Module, Callable[[
     return model, model.loss, model
 
 
-def time_impl(impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None) -> dict[str, Any]:
+def profile_steps(step: Callable[[], torch.Tensor], impl: str, out_dir: Path) -> None:
+    """Three steps under the PyTorch profiler: the top GPU kernels printed, a Chrome trace written."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    (out_dir / f"profile_{impl}.txt").write_text(table)
+    prof.export_chrome_trace(str(out_dir / f"trace_{impl}.json"))
+    print(f"--- profile of {impl}, 3 steps ---\n{table}", flush=True)
+
+
+def time_impl(
+    impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None, profile_dir: Path | None = None
+) -> dict[str, Any]:
     module, loss_fn, reference = build(impl, shape)
     flops_per_token = reference.training_flops_per_token(shape["seq"])
     params = reference.num_parameters()
@@ -205,6 +233,8 @@ def time_impl(impl: str, shape: dict[str, int], steps: int, warmup: int, peak_fl
     end.record()
     torch.cuda.synchronize()
     step_s = begin.elapsed_time(end) / 1e3 / steps
+    if profile_dir is not None:
+        profile_steps(step, impl, profile_dir)
     tokens_per_s = shape["batch"] * shape["seq"] / step_s
     row = {
         "impl": impl,
@@ -283,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-py-only", action="store_true", help="only the train.py runs")
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of each train.py run")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
+    parser.add_argument("--profile-dir", default="bench/results/profiles", help="where profiles and traces go")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     impls = [i for i in args.impls.split(",") if i]
@@ -304,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = get_available_flops(device, torch.bfloat16)
     card = torch.cuda.get_device_name()
     results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB, "shapes": {}}
+    results["sdpa_backend"] = sdpa_choice()
+    print(f"SDPA's kernel for a causal GQA bf16 call at D=128: {results['sdpa_backend']}", flush=True)
     for name in shapes:
         shape = SHAPES[name]
         entry: dict[str, Any] = {"shape": shape, "rows": []}
@@ -314,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] HF logits parity (fp32, 2 layers): max |diff| {entry['hf_logits_max_abs_diff_fp32']:.2e}", flush=True)
             for impl in impls:
                 try:
-                    row = time_impl(impl, shape, args.steps, args.warmup, peak)
+                    profile_dir = Path(args.profile_dir) / name if impl in args.profile.split(",") else None
+                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir)
                 except Exception as err:  # one failing variant must not lose the others' numbers
                     row = {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
                     torch.cuda.empty_cache()

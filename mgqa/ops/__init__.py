@@ -5,8 +5,10 @@
 - ``"reference"``: plain PyTorch math in float32, the test oracle;
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``;
 - ``"triton"``: mgqa's own Triton kernels (``mgqa.kernels``), CUDA only;
-- ``"auto"``: Triton on CUDA where the kernels support the inputs, SDPA otherwise. The choice is
-  logged once per distinct reason.
+- ``"auto"``: the faster of the two where both run, by measurement (``auto_choice``): SDPA where
+  it runs cuDNN's attention (Hopper and newer, fp16/bf16, head_dim <= 128), which trains a model
+  end to end faster than mgqa's kernels there; Triton on other CUDA GPUs where the kernels support
+  the inputs; SDPA otherwise. The choice is logged once per distinct reason.
 
 ``linear_cross_entropy(hidden, weight, targets)`` is the language-model loss computed in chunks of
 rows, never holding the batch's full logits.
@@ -25,6 +27,7 @@ from mgqa.ops.sdpa import sdpa_attention
 
 __all__ = [
     "attention",
+    "auto_choice",
     "available_backends",
     "BackendUnavailable",
     "causal_mask",
@@ -63,6 +66,33 @@ def available_backends() -> list[str]:
     if torch.cuda.is_available() and not isinstance(_triton_module(), str):
         names.append("triton")
     return names
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_attention_ready(device_index: int) -> bool:
+    """SDPA dispatches to cuDNN's attention on this device: Hopper or newer, cuDNN SDPA enabled."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def auto_choice(
+    *, device_type: str, dropout_p: float, cudnn_ready: bool, dtype: torch.dtype, head_dim: int, triton_unsupported: Optional[str]
+) -> tuple[str, str]:
+    """The backend ``auto`` runs, and why: a pure function of the call's properties.
+
+    On Hopper, SDPA's cuDNN kernel trains a whole model faster than mgqa's Triton kernels
+    (``bench/train_throughput.py``: cuDNN's forward+backward leads at every measured shape), so
+    it runs wherever cuDNN takes the call. Elsewhere on CUDA the Triton kernels run where they
+    support the inputs; the rest goes to SDPA.
+    """
+    if device_type != "cuda":
+        return "sdpa", f"inputs on {device_type}"
+    if dropout_p > 0.0:
+        return "sdpa", "attention dropout is on"
+    if cudnn_ready and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
+        return "sdpa", "cuDNN attention through SDPA, faster than mgqa's kernels end to end on this GPU"
+    if triton_unsupported:
+        return "sdpa", triton_unsupported
+    return "triton", "CUDA inputs the kernels support"
 
 
 def _announce(choice: str, reason: str) -> None:
@@ -108,13 +138,16 @@ def attention(
     _check_shapes(q, k, v)
     fn: Callable[..., torch.Tensor]
     if backend == "auto":
-        if not q.is_cuda:
-            choice, reason = "sdpa", f"inputs on {q.device.type}"
-        elif dropout_p > 0.0:
-            choice, reason = "sdpa", "attention dropout is on"
-        else:
-            why_not = _triton_unsupported_reason(q, k, v)
-            choice, reason = ("sdpa", why_not) if why_not else ("triton", "CUDA inputs the kernels support")
+        on_cuda = q.is_cuda
+        device_index = q.device.index if q.device.index is not None or not on_cuda else torch.cuda.current_device()
+        choice, reason = auto_choice(
+            device_type=q.device.type,
+            dropout_p=dropout_p,
+            cudnn_ready=on_cuda and _cudnn_attention_ready(device_index),
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            triton_unsupported=_triton_unsupported_reason(q, k, v) if on_cuda and dropout_p == 0.0 else None,
+        )
         _announce(choice, reason)
         backend = choice
     if backend == "sdpa":

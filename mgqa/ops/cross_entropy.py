@@ -2,7 +2,7 @@
 
 ``linear_cross_entropy(hidden, weight, targets)`` equals
 ``F.cross_entropy((hidden @ weight.T).float(), targets)`` (mean over targets != ``ignore_index``)
-but holds the float32 logits of one chunk of rows at a time. With gradients enabled it computes
+but holds the logits of one chunk of rows at a time. With gradients enabled it computes
 the gradients of ``hidden`` and ``weight`` chunk by chunk in the forward pass (the logits are then
 freed), so the backward pass only scales them: peak memory is one chunk's logits plus one
 ``weight``-sized gradient, instead of the batch's logits and their gradient (at 16k tokens and a
@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-# float32 logits per chunk: 2**26 elements = 256 MiB, e.g. 2048 rows of a 32k vocabulary.
-_CHUNK_ELEMENTS = 2**26
+# Logits per chunk: 2**27 elements = 256 MiB in bf16, e.g. 4096 rows of a 32k vocabulary.
+_CHUNK_ELEMENTS = 2**27
 
 
 def _chunk_rows(rows: int, vocab: int) -> int:
@@ -30,11 +30,45 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 oracle
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of -log p(target) over valid rows, and the log-sum-exp of each row. logits: (C, V)."""
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sum of -log p(target) over the valid rows of ``logits`` (C, V)."""
+    logits = logits.to(_accumulation_dtype(logits.dtype))
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (C,)
-    return ((lse - target_logit) * valid).sum(), lse
+    return ((lse - target_logit) * valid).sum()
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's loss sum and ``scale`` * d loss / d logits = softmax - onehot(target), 0 for
+    ignored rows.
+
+    logits: (C, V) in the compute dtype; the gradient comes back in it. ``scale`` is 1 / (number of
+    valid targets), applied before the cast. One elementwise pass over the chunk once compiled,
+    which it is on CUDA.
+    """
+    wide = logits.to(_accumulation_dtype(logits.dtype))
+    lse = torch.logsumexp(wide, dim=-1)  # (C,)
+    target_logit = wide.gather(1, targets[:, None]).squeeze(1)  # (C,)
+    loss = ((lse - target_logit) * valid).sum()
+    columns = torch.arange(wide.shape[1], device=wide.device)
+    onehot = (columns[None, :] == targets[:, None]).to(wide.dtype)
+    grad = (torch.exp(wide - lse[:, None]) - onehot) * (valid * scale)[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _loss_and_grad_fn(device: torch.device):
+    """The compiled chunk step on CUDA (fused by Inductor); plain PyTorch elsewhere."""
+    if device.type != "cuda":
+        return _chunk_loss_and_grad
+    if "cuda" not in _compiled:
+        # dynamic=None: the last, shorter chunk makes it dynamic in rows after one recompilation.
+        _compiled["cuda"] = torch.compile(_chunk_loss_and_grad)
+    return _compiled["cuda"]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -43,28 +77,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # hidden (T, D) and weight (V, D) in the compute dtype; targets (T,) with ignored rows set to 0.
         rows, acc = hidden.shape[0], _accumulation_dtype(hidden.dtype)
         count = valid.sum().clamp(min=1).to(acc)
+        scale = 1.0 / count
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        step = _loss_and_grad_fn(hidden.device)
         for start in range(0, rows, chunk_rows):
             h = hidden[start : start + chunk_rows]  # (C, D)
-            t, ok = targets[start : start + chunk_rows], valid[start : start + chunk_rows]
-            logits = (h @ weight.T).to(acc)  # (C, V)
-            loss, lse = _chunk_loss(logits, t, ok)
+            logits = h @ weight.T  # (C, V), compute dtype
+            loss, grad = step(logits, targets[start : start + chunk_rows], valid[start : start + chunk_rows], scale)
             total += loss
-            # d loss / d logits = softmax - onehot(target) for valid rows, 0 for ignored ones.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-            grad.mul_(ok[:, None])
-            grad = grad.to(hidden.dtype)
+            del logits
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = grad @ weight
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).to(acc)
-        ctx.save_for_backward(
-            grad_hidden.div_(count) if grad_hidden is not None else None,
-            grad_weight.div_(count).to(weight.dtype) if grad_weight is not None else None,
-        )
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         return total / count
 
     @staticmethod
@@ -112,6 +140,6 @@ def linear_cross_entropy(
         acc = _accumulation_dtype(dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden_c.shape[0], rows):
-            logits = (hidden_c[start : start + rows] @ weight_c.T).to(acc)
-            total += _chunk_loss(logits, safe_targets[start : start + rows], valid[start : start + rows])[0]
+            logits = hidden_c[start : start + rows] @ weight_c.T  # (C, V)
+            total += _chunk_loss(logits, safe_targets[start : start + rows], valid[start : start + rows])
         return total / valid.sum().clamp(min=1).to(acc)
