@@ -19,7 +19,8 @@ clipping at 1.0, fused AdamW. Variants (`--impls`):
 
 MFU = tokens/s x (6 x non-embedding parameters + 6 x layers x heads x head_dim x seq) / the card's
 dense bf16 peak (Lightning's table: 989 TFLOP/s for an H100 SXM). `--train-py` also runs
-`python train.py` at each shape (Lightning, the real data path, compile on) with each backend and
+`python train.py` at each shape (Lightning, the real data path, compile on) with each of
+`--train-backends` and
 reads `train/tokens_per_s`, `train/mfu` and `train/peak_memory_gib` from its `metrics.csv`.
 
 Prints a Markdown table and writes JSON (`--out`). Run from the repository root (mgqa installed, or
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-py", action="store_true", help="also run train.py at each shape, both backends")
     parser.add_argument("--train-py-only", action="store_true", help="only the train.py runs")
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of each train.py run")
+    parser.add_argument("--train-backends", default="auto,triton", help="model.attn_backend of the train.py runs")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
     parser.add_argument("--profile-dir", default="bench/results/profiles", help="where profiles and traces go")
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] {json.dumps(row)}", flush=True)
         if args.train_py or args.train_py_only:
             with tempfile.TemporaryDirectory() as tmp:
-                for backend in ("triton", "sdpa"):
+                for backend in [b for b in args.train_backends.split(",") if b]:
                     row = train_py(name, shape, backend, args.train_steps, Path(tmp))
                     entry["rows"].append(row)
                     print(f"[{name}] {json.dumps(row)}", flush=True)

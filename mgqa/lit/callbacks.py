@@ -29,30 +29,56 @@ def _tokens_in_batch(batch: Any) -> int:
 class TrainingThroughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` for (inputs, targets) token batches, logging
 
-    - ``train/tokens_per_s``: tokens of all ranks per second, over the last ``window_size`` steps;
+    - ``train/tokens_per_s``: tokens of all ranks per second;
     - ``train/mfu``: model FLOPs utilisation per device, from ``LanguageModel.flops_per_batch`` and
       the device's peak dense rate in the training precision (where Lightning knows the device);
     - ``train/peak_memory_gib``: the most GPU memory allocated so far (CUDA only).
 
-    The first ``warmup_steps`` optimizer steps of a fit (compilation, autotuning, allocator
-    warm-up) are left out of the windows, and their time is logged once. Validation time is left
-    out too (Lightning's own rule).
+    Rates cover the last ``window_size`` - 1 logging intervals (``trainer.log_every_n_steps``
+    steps each). The GPU is synchronised at logging steps only, not after every step as
+    Lightning's monitor does, so that the host keeps queueing work ahead of the GPU. The first
+    ``warmup_steps`` optimizer steps of a fit (compilation, autotuning) are left out, and their
+    time is logged once; validation time is left out too.
     """
 
-    def __init__(self, window_size: int = 5, warmup_steps: int = 1) -> None:
+    def __init__(self, window_size: int = 2, warmup_steps: int = 1) -> None:
         if window_size < 2:
-            raise ValueError(f"window_size must be at least 2 steps, got {window_size}")
+            raise ValueError(f"window_size must be at least 2 logging steps, got {window_size}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)
         self.warmup_steps = warmup_steps
         self._steps = 0
         self._fit_start: float | None = None
+        self._flops_since_update = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._steps = 0
+        self._steps, self._flops_since_update = 0, 0
         self._fit_start = time.perf_counter()
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING:
+            return  # a training run reads training's throughput only
+        self._samples[stage] += _windows_in_batch(batch)
+        self._lengths[stage] += _tokens_in_batch(batch)
+        self._batches[stage] += 1
+        self._flops_since_update += int(getattr(pl_module, "flops_per_batch", None) or 0)
+        at_step_end = not trainer.fit_loop._should_accumulate()
+        warmup_over = at_step_end and self._steps + 1 == self.warmup_steps
+        if not (at_step_end and (trainer._logger_connector.should_update_logs or warmup_over)):
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)  # the time of work done, not queued
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._flops_since_update or None,
+        )
+        self._flops_since_update = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -62,19 +88,18 @@ class TrainingThroughput(ThroughputMonitor):
             return
         self._steps += 1
         if self._steps == self.warmup_steps and trainer.is_global_zero:
-            if trainer.strategy.root_device.type == "cuda":
-                torch.cuda.synchronize()
             seconds = time.perf_counter() - (self._fit_start or time.perf_counter())
             rank_zero_info(
                 f"first {self.warmup_steps} step(s) took {seconds:.1f} s (compilation and warm-up; "
                 "left out of train/tokens_per_s)"
             )
-            self._start(trainer)  # restart the window after the warm-up
+            self._start(trainer)  # the windows begin after the warm-up
+            self._throughputs[RunningStage.TRAINING].update(time=0.0, batches=0, samples=0, lengths=0)
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
         stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or self._steps <= self.warmup_steps:
-            return  # Lightning would also log validation throughput; a training run reads training's
+        if stage != RunningStage.TRAINING or self._steps < self.warmup_steps:
+            return
         metrics = self._throughputs[stage].compute()
         module = trainer.lightning_module
         if "device/items_per_sec" in metrics:
