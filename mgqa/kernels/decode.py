@@ -66,15 +66,16 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
 def num_splits(programs: int, capacity: int, sm_count: int, block_n: int) -> int:
     """Cache splits per (sequence, KV head, row block).
 
-    Decode is bound by memory bandwidth, and an SM keeps enough loads in flight only with several
-    programs resident, so aim at four programs per SM. A split shorter than four key tiles costs more
-    in its partial output and combine than it saves, so splits never go below that; one split when
-    the programs already fill the GPU. The count depends on the cache's capacity, not on the current
-    lengths, so a captured decode step keeps its grid.
+    Decode is bound by memory bandwidth. A program of ``decode_launch``'s default tiles keeps about
+    70 KB of shared memory, so three are resident per SM; aim at that many programs, so that every
+    SM has loads in flight while the work stays one wave. A split shorter than four key tiles costs
+    more in its partial output and combine than it saves, so splits never go below that; one split
+    when the programs already fill the GPU. The count depends on the cache's capacity, not on the
+    current lengths, so a captured decode step keeps its grid.
     """
     if programs <= 0 or capacity <= 0:
         return 1
-    wanted = triton.cdiv(4 * sm_count, programs)
+    wanted = triton.cdiv(3 * sm_count, programs)
     most = max(1, triton.cdiv(capacity, 4 * block_n))
     return max(1, min(wanted, most, MAX_SPLITS))
 
@@ -85,13 +86,12 @@ def decode_launch(head_dim: int, rows: int, dtype: torch.dtype) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Enough K/V bytes in flight per program to cover HBM latency, while the tiles (and the
-    # BLOCK_M x D float32 accumulator) stay small enough for several programs per SM.
-    block_n = 64 if block_d <= 128 else 32
-    if dtype == torch.float32:
-        block_n = 32
+    # Two K/V tiles in flight per program (three stages of 2 x 64 x 128 x 2 bytes, about 70 KB of
+    # shared memory) cover HBM latency with three programs per SM; the BLOCK_M x D float32
+    # accumulator stays in registers.
+    block_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
     warps = 4 if block_m * block_d <= 32 * 128 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=4 if block_d <= 128 else 3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=3)
 
 
 @triton.jit

@@ -99,10 +99,10 @@ def test_cache_mask_per_sequence():
 
 
 def test_num_splits_rule():
-    # B=32, Hkv=8 on 132 SMs: 256 programs, three splits reach four programs per SM.
-    assert kernels.num_splits(256, 8192, 132, 64) == 3
+    # B=32, Hkv=8 on 132 SMs: 256 programs, two splits reach three programs per SM.
+    assert kernels.num_splits(256, 8192, 132, 64) == 2
     # One long sequence: the splits fill the GPU, capped at MAX_SPLITS.
-    assert kernels.num_splits(8, 131072, 132, 64) == 66
+    assert kernels.num_splits(8, 131072, 132, 64) == 50
     assert kernels.num_splits(1, 1 << 20, 132, 64) == kernels.MAX_SPLITS
     # A short cache is not cut below four key tiles per split; a full GPU takes one split.
     assert kernels.num_splits(8, 300, 132, 64) == 2
