@@ -1,0 +1,215 @@
+"""Token generation: prompts of different lengths in one batch, a KV cache allocated once, and on
+CUDA a decode step (model forward and sampling) captured in a CUDA graph and replayed per token.
+
+``stream_tokens`` is what ``MGQATransformer.generate_stream`` and ``generate`` run. The cached and
+uncached paths compute the same function: greedy decoding gives the same tokens either way. Once a
+sequence reaches ``max_seq_len`` both slide a window over its last ``max_seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from mgqa.model.sampling import check_sampling, sample_next
+from mgqa.model.static_cache import StaticKVCache
+
+log = logging.getLogger("mgqa.generate")
+Prompt = Union[torch.Tensor, Sequence[Union[torch.Tensor, Sequence[int]]]]
+
+
+def prepare_prompt(prompt: Prompt, max_len: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """A (B, N) or (N,) tensor, or a list of 1-d token sequences of any lengths -> right-padded
+    tokens (B, W) on ``device`` and each sequence's length; each keeps its last ``max_len`` tokens."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            prompt = prompt.unsqueeze(0)
+        if prompt.dim() != 2:
+            raise ValueError(f"prompt must be (batch, seq_len) or (seq_len,), got shape {tuple(prompt.shape)}")
+        rows = list(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        rows = [torch.as_tensor(row) for row in prompt]
+        for i, row in enumerate(rows):
+            if row.dim() != 1:
+                raise ValueError(f"prompt[{i}] must be a 1-d token sequence, got shape {tuple(row.shape)}")
+    else:
+        raise ValueError(f"prompt must be a token tensor or a non-empty list of token sequences, got {prompt!r}")
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            raise ValueError("prompt must hold at least one token" + (f" (sequence {i} is empty)" if len(rows) > 1 else ""))
+        if row.dtype.is_floating_point or row.dtype == torch.bool:
+            raise ValueError(f"prompt tokens must be integers, got {row.dtype}")
+    rows = [row[-max_len:] for row in rows]
+    lengths = [len(row) for row in rows]
+    tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row.to(device)
+    return tokens, lengths
+
+
+class _History:
+    """Every sequence's tokens so far (right-padded, B x capacity) and their lengths on the host."""
+
+    def __init__(self, tokens: torch.Tensor, lengths: list[int], new_tokens: int) -> None:
+        batch, width = tokens.shape
+        self.tokens = torch.zeros(batch, width + new_tokens, dtype=torch.long, device=tokens.device)
+        self.tokens[:, :width] = tokens
+        self.lengths = list(lengths)
+        self._rows = torch.arange(batch, device=tokens.device)
+
+    def append(self, token: torch.Tensor) -> None:
+        at = torch.tensor(self.lengths, device=token.device)  # (B,)
+        self.tokens[self._rows, at] = token
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def window(self, max_len: int) -> tuple[torch.Tensor, list[int]]:
+        """Each sequence's last ``max_len`` tokens, right-padded (B, W), and their lengths."""
+        starts = [max(0, n - max_len) for n in self.lengths]
+        sizes = [n - s for n, s in zip(self.lengths, starts)]
+        if not any(starts) and len(set(sizes)) == 1:
+            return self.tokens[:, : sizes[0]], sizes
+        width = max(sizes)
+        index = torch.tensor(starts, device=self.tokens.device)[:, None] + torch.arange(width, device=self.tokens.device)
+        return self.tokens.gather(1, index.clamp_(max=self.tokens.shape[1] - 1)), sizes
+
+
+def _last_logits(model: Any, tokens: torch.Tensor, lengths: list[int], cache: Optional[StaticKVCache]) -> torch.Tensor:
+    """Logits (B, V) after each sequence's last token: the head runs on those rows only."""
+    hidden = model.features(tokens, cache=cache)  # (B, W, dim)
+    last = torch.tensor([n - 1 for n in lengths], device=tokens.device)  # (B,)
+    return model.to_logits(hidden[torch.arange(len(lengths), device=tokens.device), last])  # (B, V)
+
+
+class DecodeStep:
+    """One token per sequence through a ``StaticKVCache`` and the sampler: ``step(token (B,)) ->
+    next token (B,)``. With ``cuda_graph`` the step is captured once and replayed; eager otherwise.
+    Both run the same kernels, so they give the same tokens."""
+
+    def __init__(self, model: Any, cache: StaticKVCache, sample: Callable[[torch.Tensor], torch.Tensor],
+                 *, cuda_graph: bool, generator: Optional[torch.Generator]) -> None:
+        self.model, self.cache, self.sample = model, cache, sample
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        if cuda_graph:
+            self._capture(generator)
+
+    def _eager(self, token: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.features(token[:, None], cache=self.cache)  # (B, 1, dim)
+        return self.sample(self.model.to_logits(hidden[:, -1]))  # (B,)
+
+    def _capture(self, generator: Optional[torch.Generator]) -> None:
+        cache = self.cache
+        self.token = torch.zeros_like(cache.lengths, dtype=torch.long)  # (B,) static input
+        lengths = cache.lengths.clone()
+        rng = generator.get_state() if generator is not None else torch.cuda.get_rng_state(cache.lengths.device)
+        # Warm up outside the graph (compiles and tunes kernels, sets up cuBLAS), then undo what it
+        # did: lengths and the random state. Its cache writes sit at positions the next real step overwrites.
+        side = torch.cuda.Stream(device=cache.lengths.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._eager(self.token)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.lengths.copy_(lengths)
+        self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
+        with torch.cuda.graph(self.graph):
+            self.next = self._eager(self.token)
+        cache.lengths.copy_(lengths)  # capture records the step without running it; be explicit
+        if generator is not None:
+            generator.set_state(rng)
+        else:
+            torch.cuda.set_rng_state(rng, cache.lengths.device)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._eager(token)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.next.clone()
+
+
+def use_cuda_graph(requested: Optional[bool], device: torch.device, use_cache: bool) -> bool:
+    """``None``: on for cached generation on CUDA. ``True`` where it cannot run is an error."""
+    if requested is None:
+        return use_cache and device.type == "cuda"
+    if requested and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device.type}; "
+                         "pass cuda_graph=None (auto) or False")
+    if requested and not use_cache:
+        raise ValueError("cuda_graph=True replays cached decode steps; it needs use_cache=True")
+    return bool(requested)
+
+
+def stream_tokens(
+    model: Any,
+    prompt: Prompt,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    *,
+    eos_token: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+    cuda_graph: Optional[bool] = None,
+) -> Iterator[torch.Tensor]:
+    """An iterator over each step's new tokens (B,). Arguments as ``MGQATransformer.generate_stream``;
+    they are checked here, before the first step. The model is in eval mode while the stream runs
+    and back in its own mode when it ends."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    device = model.token_emb.weight.device
+    tokens, lengths = prepare_prompt(prompt, model.config.max_seq_len, device)
+    graph = use_cuda_graph(cuda_graph, device, use_cache)
+    return _stream(model, tokens, lengths, max_new_tokens, temperature, top_k, top_p, eos_token, generator,
+                   use_cache, graph)
+
+
+@torch.no_grad()
+def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens: int, temperature: float,
+            top_k: Optional[int], top_p: Optional[float], eos_token: Optional[int],
+            generator: Optional[torch.Generator], use_cache: bool, graph: bool) -> Iterator[torch.Tensor]:
+    if max_new_tokens == 0:
+        return
+    max_len = model.config.max_seq_len
+    device = tokens.device
+    was_training = model.training
+    model.eval()
+    try:
+        history = _History(tokens, lengths, max_new_tokens)
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+        cache = step = None
+        if use_cache:
+            capacity = min(max_len, max(lengths) + max_new_tokens - 1)
+            cache = model.new_static_cache(len(lengths), capacity)
+            cache.prefill = True
+            logits = _last_logits(model, tokens, lengths, cache)
+            cache.prefill = False
+            cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+            step = DecodeStep(model, cache, sample, cuda_graph=graph, generator=generator)
+        else:
+            logits = _last_logits(model, tokens, lengths, None)
+        token = sample(logits)
+        finished = torch.zeros(len(lengths), dtype=torch.bool, device=device)
+        for index in range(max_new_tokens):
+            if eos_token is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token), token)
+                finished |= token == eos_token
+            yield token
+            if index == max_new_tokens - 1 or (eos_token is not None and bool(finished.all())):
+                return
+            fits = cache is not None and max(history.lengths) < cache.capacity
+            history.append(token)
+            if fits:
+                token = step(token)
+            else:  # uncached, or a sequence reached max_seq_len: the window slides
+                window, sizes = history.window(max_len)
+                token = sample(_last_logits(model, window, sizes, None))
+    finally:
+        model.train(was_training)
