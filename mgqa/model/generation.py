@@ -85,16 +85,19 @@ def _last_logits(model: Any, tokens: torch.Tensor, lengths: list[int], cache: Op
 class DecodeStep:
     """One token per sequence through a ``StaticKVCache`` and the sampler: ``step(token (B,)) ->
     next token (B,)``. With ``cuda_graph`` the step is captured once and replayed; eager otherwise.
-    Both run the same kernels, so they give the same tokens."""
+    Both run the same kernels, so they give the same tokens. ``compile_step`` first passes the step
+    through ``torch.compile`` (static shapes), which fuses its small element-wise kernels; a
+    captured graph then replays the compiled kernels."""
 
     def __init__(self, model: Any, cache: StaticKVCache, sample: Callable[[torch.Tensor], torch.Tensor],
-                 *, cuda_graph: bool, generator: Optional[torch.Generator]) -> None:
+                 *, cuda_graph: bool, generator: Optional[torch.Generator], compile_step: bool = False) -> None:
         self.model, self.cache, self.sample = model, cache, sample
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._run = torch.compile(self._step, dynamic=False) if compile_step else self._step
         if cuda_graph:
             self._capture(generator)
 
-    def _eager(self, token: torch.Tensor) -> torch.Tensor:
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
         hidden = self.model.features(token[:, None], cache=self.cache)  # (B, 1, dim)
         return self.sample(self.model.to_logits(hidden[:, -1]))  # (B,)
 
@@ -108,14 +111,14 @@ class DecodeStep:
         side = torch.cuda.Stream(device=cache.lengths.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._eager(self.token)
+            self._run(self.token)
         torch.cuda.current_stream().wait_stream(side)
         cache.lengths.copy_(lengths)
         self.graph = torch.cuda.CUDAGraph()
         if generator is not None:
             self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph):
-            self.next = self._eager(self.token)
+            self.next = self._run(self.token)
         cache.lengths.copy_(lengths)  # capture records the step without running it; be explicit
         if generator is not None:
             generator.set_state(rng)
@@ -124,7 +127,7 @@ class DecodeStep:
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
-            return self._eager(token)
+            return self._run(token)
         self.token.copy_(token)
         self.graph.replay()
         return self.next.clone()
@@ -154,6 +157,7 @@ def stream_tokens(
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     cuda_graph: Optional[bool] = None,
+    compile_step: bool = False,
 ) -> Iterator[torch.Tensor]:
     """An iterator over each step's new tokens (B,). Arguments as ``MGQATransformer.generate_stream``;
     they are checked here, before the first step. The model is in eval mode while the stream runs
@@ -164,14 +168,17 @@ def stream_tokens(
     device = model.token_emb.weight.device
     tokens, lengths = prepare_prompt(prompt, model.config.max_seq_len, device)
     graph = use_cuda_graph(cuda_graph, device, use_cache)
+    if compile_step and not use_cache:
+        raise ValueError("compile_step=True compiles the cached decode step; it needs use_cache=True")
     return _stream(model, tokens, lengths, max_new_tokens, temperature, top_k, top_p, eos_token, generator,
-                   use_cache, graph)
+                   use_cache, graph, compile_step)
 
 
 @torch.no_grad()
 def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens: int, temperature: float,
             top_k: Optional[int], top_p: Optional[float], eos_token: Optional[int],
-            generator: Optional[torch.Generator], use_cache: bool, graph: bool) -> Iterator[torch.Tensor]:
+            generator: Optional[torch.Generator], use_cache: bool, graph: bool,
+            compile_step: bool) -> Iterator[torch.Tensor]:
     if max_new_tokens == 0:
         return
     max_len = model.config.max_seq_len
@@ -192,7 +199,7 @@ def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens
             logits = _last_logits(model, tokens, lengths, cache)
             cache.prefill = False
             cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-            step = DecodeStep(model, cache, sample, cuda_graph=graph, generator=generator)
+            step = DecodeStep(model, cache, sample, cuda_graph=graph, generator=generator, compile_step=compile_step)
         else:
             logits = _last_logits(model, tokens, lengths, None)
         token = sample(logits)

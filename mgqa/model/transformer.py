@@ -154,6 +154,7 @@ class MGQATransformer(nn.Module):
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
         cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield each step's new tokens (B,) after ``prompt``, up to ``max_new_tokens`` steps.
 
@@ -164,9 +165,12 @@ class MGQATransformer(nn.Module):
         CUDA model) captures that step, sampling included, in a CUDA graph and replays it. Once a
         sequence reaches ``max_seq_len`` a window slides over its last ``max_seq_len`` tokens.
         After ``eos_token`` a sequence keeps emitting ``eos_token``; the stream stops when all have.
+        ``compile_step`` runs the decode step through ``torch.compile`` first (fewer, fused kernels;
+        a one-off compile of tens of seconds for a large model).
         """
         return stream_tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
-                             generator=generator, use_cache=use_cache, cuda_graph=cuda_graph)
+                             generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                             compile_step=compile_step)
 
     def generate(
         self,
@@ -180,11 +184,13 @@ class MGQATransformer(nn.Module):
         eos_token: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
     ) -> torch.Tensor:
         """``generate_stream``'s tokens collected: (B, max_new_tokens), padded with ``eos_token``
         after an early stop."""
         stream = self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
-                                      generator=generator, use_cache=use_cache, cuda_graph=cuda_graph)
+                                      generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                                      compile_step=compile_step)
         out = list(stream)
         batch = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else \
             1 if isinstance(prompt, torch.Tensor) else len(prompt)

@@ -85,6 +85,8 @@ def available_backends() -> list[str]:
 
 
 def _announce(choice: str, reason: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a log call would split the compiled graph; compiled calls go unannounced
     key = (choice, reason)
     if key not in _announced:
         _announced.add(key)

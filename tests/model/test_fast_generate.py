@@ -110,3 +110,21 @@ def test_static_cache_refuses_a_capacity_past_max_seq_len():
     with pytest.raises(ValueError, match="cache capacity 30 is longer than model.max_seq_len=24"):
         model_for().new_static_cache(1, 30)
     assert isinstance(model_for().new_static_cache(2), StaticKVCache)
+
+
+def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(monkeypatch):
+    # Dynamo's tracing is what can break; the eager backend checks it without Inductor's minute of compiling.
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = model_for()
+    prompts = [torch.randint(0, 40, (n,)) for n in (5, 3)]
+    compiled = model.generate(prompts, 8, temperature=0.0, compile_step=True)
+    assert torch.equal(compiled, model.generate(prompts, 8, temperature=0.0, use_cache=False))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    with pytest.raises(ValueError, match="compile_step=True compiles the cached decode step"):
+        model.generate(prompts, 2, use_cache=False, compile_step=True)
