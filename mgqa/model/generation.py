@@ -133,6 +133,32 @@ class DecodeStep:
         return self.next.clone()
 
 
+def decode_step(model: Any, batch: int, capacity: int, sample: Callable[[torch.Tensor], torch.Tensor],
+                sampling: tuple, *, cuda_graph: bool, compile_step: bool) -> DecodeStep:
+    """The decode step (and its cache) for these shapes and sampling settings.
+
+    A captured or compiled step is kept on the model and reused by the next call with the same
+    batch, capacity, sampling settings and weights, so that repeated calls skip the capture and the
+    compile; ``release_decode_step`` frees it. An eager step is built per call.
+    """
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    key = (batch, capacity, model._cache_dtype(), *sampling[:3], id(sampling[3]), cuda_graph, compile_step, weights)
+    held = model.__dict__.get("_decode_step")
+    if held is not None and held[0] == key:
+        return held[1]
+    release_decode_step(model)
+    cache = model.new_static_cache(batch, capacity)
+    step = DecodeStep(model, cache, sample, cuda_graph=cuda_graph, generator=sampling[3], compile_step=compile_step)
+    if cuda_graph or compile_step:
+        model.__dict__["_decode_step"] = (key, step)  # outside nn.Module's registries: not state, not a submodule
+    return step
+
+
+def release_decode_step(model: Any) -> None:
+    """Drop the decode step and KV cache a model keeps between generate calls (frees their memory)."""
+    model.__dict__.pop("_decode_step", None)
+
+
 def use_cuda_graph(requested: Optional[bool], device: torch.device, use_cache: bool) -> bool:
     """``None``: on for cached generation on CUDA. ``True`` where it cannot run is an error."""
     if requested is None:
@@ -194,12 +220,14 @@ def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens
         cache = step = None
         if use_cache:
             capacity = min(max_len, max(lengths) + max_new_tokens - 1)
-            cache = model.new_static_cache(len(lengths), capacity)
+            sampling = (temperature, top_k, top_p, generator)
+            step = decode_step(model, len(lengths), capacity, sample, sampling, cuda_graph=graph,
+                               compile_step=compile_step)
+            cache = step.cache
             cache.prefill = True
             logits = _last_logits(model, tokens, lengths, cache)
             cache.prefill = False
             cache.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-            step = DecodeStep(model, cache, sample, cuda_graph=graph, generator=generator, compile_step=compile_step)
         else:
             logits = _last_logits(model, tokens, lengths, None)
         token = sample(logits)

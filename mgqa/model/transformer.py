@@ -12,7 +12,7 @@ from torch import nn
 from mgqa.model.attention import KVCache
 from mgqa.model.config import ConfigError, ModelConfig
 from mgqa.model.decoder import Decoder
-from mgqa.model.generation import Prompt, stream_tokens
+from mgqa.model.generation import Prompt, release_decode_step, stream_tokens
 from mgqa.model.layers import RotaryEmbedding
 from mgqa.model.static_cache import StaticKVCache
 
@@ -171,6 +171,10 @@ class MGQATransformer(nn.Module):
         return stream_tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
                              generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
                              compile_step=compile_step)
+
+    def release_decode_step(self) -> None:
+        """Free the captured decode step and KV cache kept since the last ``generate`` on CUDA."""
+        release_decode_step(self)
 
     def generate(
         self,
