@@ -50,18 +50,20 @@ def prepare_prompt(prompt: Prompt, max_len: int, device: torch.device) -> tuple[
 
 
 class _History:
-    """Every sequence's tokens so far (right-padded, B x capacity) and their lengths on the host."""
+    """Every sequence's tokens so far (right-padded, B x capacity), their lengths on the host, and
+    the same lengths on the device (so that appending a token never waits for the device)."""
 
     def __init__(self, tokens: torch.Tensor, lengths: list[int], new_tokens: int) -> None:
         batch, width = tokens.shape
         self.tokens = torch.zeros(batch, width + new_tokens, dtype=torch.long, device=tokens.device)
         self.tokens[:, :width] = tokens
         self.lengths = list(lengths)
+        self._at = torch.tensor(lengths, device=tokens.device)  # (B,)
         self._rows = torch.arange(batch, device=tokens.device)
 
     def append(self, token: torch.Tensor) -> None:
-        at = torch.tensor(self.lengths, device=token.device)  # (B,)
-        self.tokens[self._rows, at] = token
+        self.tokens[self._rows, self._at] = token
+        self._at += 1
         self.lengths = [n + 1 for n in self.lengths]
 
     def window(self, max_len: int) -> tuple[torch.Tensor, list[int]]:
