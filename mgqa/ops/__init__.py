@@ -76,6 +76,10 @@ def _decode_unsupported_reason(q, k_cache, v_cache, lengths) -> Optional[str]:
     return module.unsupported_reason(q, k_cache, v_cache, lengths)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def available_backends() -> list[str]:
     """Backends that can run on this machine (``triton`` needs the kernels and a CUDA device)."""
     names = ["sdpa", "reference"]
@@ -133,7 +137,7 @@ def attention(
             choice, reason = "sdpa", f"inputs on {q.device.type}"
         elif dropout_p > 0.0:
             choice, reason = "sdpa", "attention dropout is on"
-        elif q.shape[2] <= 8 and k.shape[2] > q.shape[2]:
+        elif q.shape[2] <= 8 and k.shape[2] > q.shape[2] and not _needs_grad(q, k, v):
             # A decode step after a cache: one K/V read per group beats the training kernels' query tiles.
             lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)  # (B,)
             if _decode_unsupported_reason(q, k, v, lengths) is None:
@@ -181,8 +185,8 @@ def decode_attention(
     tensor on q's device, the valid positions of each sequence (Nq <= lengths[b] <= L), whose last
     Nq are the queries. ``causal``: query i of sequence b sees positions up to lengths[b] - Nq + i.
     ``auto`` takes the Triton decode kernel on CUDA where it supports the inputs (1..8 queries,
-    head_dim a multiple of 8 up to 256), SDPA with a length mask otherwise; nothing here
-    synchronises with the device, so a decode step can be captured in a CUDA graph.
+    head_dim a multiple of 8 up to 256, no gradients needed), SDPA with a length mask otherwise;
+    nothing here synchronises with the device, so a decode step can be captured in a CUDA graph.
     Returns (B, H, Nq, D) in q's dtype.
     """
     _check_shapes(q, k_cache, v_cache)
@@ -193,6 +197,8 @@ def decode_attention(
     if backend == "auto":
         if not q.is_cuda:
             choice, reason = "sdpa", f"inputs on {q.device.type}"
+        elif _needs_grad(q, k_cache, v_cache):
+            choice, reason = "sdpa", "gradients are needed (the decode kernel is inference-only)"
         else:
             why_not = _decode_unsupported_reason(q, k_cache, v_cache, lengths)
             choice, reason = ("sdpa", why_not) if why_not else ("triton", "CUDA inputs the decode kernel supports")
@@ -204,6 +210,8 @@ def decode_attention(
         return reference_decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale)
     if backend == "triton":
         why_not = _decode_unsupported_reason(q, k_cache, v_cache, lengths)
+        if _needs_grad(q, k_cache, v_cache):
+            why_not = "gradients are needed and the decode kernel has no backward; use 'sdpa' or torch.no_grad()"
         if why_not:
             raise BackendUnavailable(f"backend='triton' cannot run this decode step: {why_not}")
         return _decode_module().compiled_decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale)

@@ -128,3 +128,14 @@ def test_bad_inputs_are_refused_naming_the_value(change, message):
         kernels.decode_attention(*change(q, k, v, lengths))
     with pytest.raises(ValueError, match="splits must be in 1..128, got 0"):
         kernels.decode_attention(q, k, v, lengths, splits=0)
+
+
+def test_triton_decode_refuses_inputs_that_need_gradients():
+    q, k, v = inputs(1, 4, 2, 1, 32, 20, torch.float32, seed=1)
+    lengths = torch.tensor([20])
+    q.requires_grad_()
+    with pytest.raises(ops.BackendUnavailable, match="gradients are needed"):
+        ops.decode_attention(q, k, v, lengths, backend="triton")
+    out = ops.decode_attention(q, k, v, lengths, backend="sdpa")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
