@@ -55,10 +55,12 @@ class StaticKVCache:
             self.keys[layer][:, :, :n] = k
             self.values[layer][:, :, :n] = v
             return ops.attention(q, k, v, causal=True, backend=backend)  # (B, H, n, D)
-        index = self.positions(n).clamp_(max=self.capacity - 1)  # (B, n)
-        index = index[:, None, :, None].expand_as(k)  # (B, Hkv, n, D)
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        positions = self.positions(n).clamp_(max=self.capacity - 1)  # (B, n)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        # An indexed assignment (index_put_), which torch.compile keeps in place; the indexed
+        # view is (B, n, Hkv, D).
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
         lengths = self.lengths + n  # (B,)
         return ops.decode_attention(q, self.keys[layer], self.values[layer], lengths, causal=True, backend=backend)
 
