@@ -28,6 +28,9 @@ def prepare_prompt(prompt: Prompt, max_len: int, device: torch.device) -> tuple[
             prompt = prompt.unsqueeze(0)
         if prompt.dim() != 2:
             raise ValueError(f"prompt must be (batch, seq_len) or (seq_len,), got shape {tuple(prompt.shape)}")
+        if prompt.shape[1] and not (prompt.dtype.is_floating_point or prompt.dtype == torch.bool):
+            tokens = prompt[:, -max_len:].to(device=device, dtype=torch.long)
+            return tokens, [tokens.shape[1]] * tokens.shape[0]
         rows = list(prompt)
     elif isinstance(prompt, (list, tuple)) and prompt:
         rows = [torch.as_tensor(row) for row in prompt]
@@ -94,6 +97,7 @@ class DecodeStep:
     def __init__(self, model: Any, cache: StaticKVCache, sample: Callable[[torch.Tensor], torch.Tensor],
                  *, cuda_graph: bool, generator: Optional[torch.Generator], compile_step: bool = False) -> None:
         self.model, self.cache, self.sample = model, cache, sample
+        self.in_use = False  # a stream is decoding through this cache (another stream must not share it)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._run = torch.compile(self._step, dynamic=False) if compile_step else self._step
         if cuda_graph:
@@ -146,7 +150,7 @@ def decode_step(model: Any, batch: int, capacity: int, sample: Callable[[torch.T
     weights = tuple(p.data_ptr() for p in model.parameters())
     key = (batch, capacity, model._cache_dtype(), *sampling[:3], id(sampling[3]), cuda_graph, compile_step, weights)
     held = model.__dict__.get("_decode_step")
-    if held is not None and held[0] == key:
+    if held is not None and held[0] == key and not held[1].in_use:
         return held[1]
     release_decode_step(model)
     cache = model.new_static_cache(batch, capacity)
@@ -213,19 +217,21 @@ def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens
     device = tokens.device
     was_training = model.training
     model.eval()
+    step: Optional[DecodeStep] = None
     try:
         history = _History(tokens, lengths, max_new_tokens)
 
         def sample(logits: torch.Tensor) -> torch.Tensor:
             return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-        cache = step = None
+        cache = None
         if use_cache:
             capacity = min(max_len, max(lengths) + max_new_tokens - 1)
             sampling = (temperature, top_k, top_p, generator)
             step = decode_step(model, len(lengths), capacity, sample, sampling, cuda_graph=graph,
                                compile_step=compile_step)
             cache = step.cache
+            step.in_use = True
             cache.prefill = True
             logits = _last_logits(model, tokens, lengths, cache)
             cache.prefill = False
@@ -249,4 +255,6 @@ def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens
                 window, sizes = history.window(max_len)
                 token = sample(_last_logits(model, window, sizes, None))
     finally:
+        if step is not None:
+            step.in_use = False
         model.train(was_training)

@@ -126,5 +126,11 @@ def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(monkeypatch):
     compiled = model.generate(prompts, 8, temperature=0.0, compile_step=True)
     assert torch.equal(compiled, model.generate(prompts, 8, temperature=0.0, use_cache=False))
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    # Two streams of the same shapes at once: the second must not decode through the first's kept cache.
+    first = model.generate_stream(prompts, 8, temperature=0.0, compile_step=True)
+    second = model.generate_stream(prompts, 8, temperature=0.0, compile_step=True)
+    interleaved = [(a, b) for a, b in zip(first, second)]
+    assert torch.equal(torch.stack([a for a, _ in interleaved], 1), compiled)
+    assert torch.equal(torch.stack([b for _, b in interleaved], 1), compiled)
     with pytest.raises(ValueError, match="compile_step=True compiles the cached decode step"):
         model.generate(prompts, 2, use_cache=False, compile_step=True)
