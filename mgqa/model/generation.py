@@ -8,7 +8,6 @@ sequence reaches ``max_seq_len`` both slide a window over its last ``max_seq_len
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from mgqa.model.sampling import check_sampling, sample_next
 from mgqa.model.static_cache import StaticKVCache
 
-log = logging.getLogger("mgqa.generate")
 Prompt = Union[torch.Tensor, Sequence[Union[torch.Tensor, Sequence[int]]]]
 
 
