@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
     parser.add_argument("--kv-heads", default="1,2,4,8,16,32", help="kv section: KV head counts (divisors of 32)")
     parser.add_argument("--splits", default="", help="attention: also time mgqa with these fixed split counts")
+    parser.add_argument("--configs", default="",
+                        help="attention: also time mgqa with these launch settings, BLOCK_N:stages:warps,... e.g. 128:2:4")
     parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per row (median)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -72,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(32 % k for k in args.kv_heads):
         parser.error(f"--kv-heads: {[k for k in args.kv_heads if 32 % k]} do not divide 32 query heads")
     args.splits = _int_list(parser, "splits", args.splits) if args.splits else []
+    configs = []
+    for text in filter(None, (part.strip() for part in args.configs.split(","))):
+        values = text.split(":")
+        if len(values) != 3 or not all(v.isdigit() and int(v) > 0 for v in values) or int(values[0]) & (int(values[0]) - 1):
+            parser.error(f"--configs {text!r}: expected BLOCK_N:stages:warps, positive integers, BLOCK_N a power of two")
+        configs.append(tuple(int(v) for v in values))
+    args.configs = configs
     for name in ("prompt", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -142,13 +151,29 @@ def _peers(device) -> dict[str, Callable]:
             flex_compiled["fn"] = torch.compile(flex_attention, dynamic=False)
         return flex_compiled["fn"](q, k, v, enable_gqa=True)
 
-    def mgqa(q, k, v, lengths, splits=None):
-        return decode_kernels.decode_attention(q, k, v, lengths, splits=splits)
+    def mgqa(q, k, v, lengths, splits=None, launch=None):
+        if launch is None:
+            return decode_kernels.decode_attention(q, k, v, lengths, splits=splits)
+        default = decode_kernels.decode_launch
+        block_n, stages, warps = launch
+
+        def patched(head_dim, rows, dtype):
+            return dict(default(head_dim, rows, dtype), BLOCK_N=block_n, num_stages=stages, num_warps=warps)
+
+        decode_kernels.decode_launch = patched  # this call only: the launch rule is a module function
+        try:
+            return decode_kernels.decode_attention(q, k, v, lengths, splits=splits)
+        finally:
+            decode_kernels.decode_launch = default
 
     impls: dict[str, Callable] = {"mgqa": mgqa}
     if device.type == "cuda":
         impls.update(sdpa_flash=sdpa(SDPBackend.FLASH_ATTENTION), sdpa_cudnn=sdpa(SDPBackend.CUDNN_ATTENTION), flex=flex)
     return impls
+
+
+def _config_name(config: tuple[int, int, int]) -> str:
+    return "mgqa_n{}s{}w{}".format(*config)
 
 
 def attention_section(args, device, dtype) -> dict:
@@ -168,6 +193,7 @@ def attention_section(args, device, dtype) -> dict:
                "kv_bytes": kv_bytes, "results": {}}
         variants = [(name, fn, {}) for name, fn in impls.items()]
         variants += [(f"mgqa_splits{s}", impls["mgqa"], {"splits": s}) for s in args.splits]
+        variants += [(_config_name(c), impls["mgqa"], {"launch": c}) for c in args.configs]
         if device.type != "cuda":
             for name in ("sdpa_flash", "sdpa_cudnn", "flex"):
                 row["results"][name] = {"skipped": "needs a CUDA GPU"}
@@ -185,7 +211,7 @@ def attention_section(args, device, dtype) -> dict:
         row["of_copy_bandwidth"] = mine / copy_gbs if copy_gbs and mine else None
         rows.append(row)
         del q, k, v
-    names = list(impls) + [f"mgqa_splits{s}" for s in args.splits]
+    names = list(impls) + [f"mgqa_splits{s}" for s in args.splits] + [_config_name(c) for c in args.configs]
     print(f"\nDecode attention, {dtype_name(dtype)}, one query per sequence; GB/s = K+V bytes / time"
           + (f"; copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
     print(f"{'shape':18s}" + "".join(f"{n:>14s}" for n in names) + f"{'x best peer':>12s}{'of copy':>9s}")

@@ -22,13 +22,14 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU stand-in of the GPU benchmark")
 def test_smoke_run_checks_times_and_writes_every_section(tmp_path):
     out = tmp_path / "decode.json"
-    proc = run("--smoke", "--out", str(out))
+    proc = run("--smoke", "--out", str(out), "--splits", "3", "--configs", "32:2:4")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["check"]["ok"] and report["check"]["greedy"] == {
         "graph_vs_uncached_fp32_ragged": True, "mgqa_vs_hf_fp32": True}
     for row in report["attention"]["rows"]:
-        assert row["results"]["mgqa"]["ms"] > 0 and row["results"]["mgqa"]["rel_err"] < 1e-5
+        for name in ("mgqa", "mgqa_splits3", "mgqa_n32s2w4"):
+            assert row["results"][name]["ms"] > 0 and row["results"][name]["rel_err"] < 1e-5, name
         assert row["results"]["sdpa_cudnn"] == {"skipped": "needs a CUDA GPU"}
     for row in report["generation"]["rows"]:
         assert row["results"]["mgqa"]["tokens_per_s"] > 0 and row["results"]["hf_dynamic"]["tokens_per_s"] > 0
@@ -43,6 +44,7 @@ def test_smoke_run_checks_times_and_writes_every_section(tmp_path):
     (["--kv-heads", "1,3"], "--kv-heads: [3] do not divide 32 query heads"),
     (["--batches", "1,x"], "--batches '1,x': expected comma-separated integers"),
     (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--configs", "64:3"], "--configs '64:3': expected BLOCK_N:stages:warps"),
 ])
 def test_bad_arguments_are_refused(args, message):
     proc = run(*args)
