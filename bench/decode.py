@@ -49,8 +49,6 @@ ATTENTION_SHAPES = [  # (label, B, H, Hkv, D, context)
 LONG_CONTEXT = ("B8 H32/4 32k", "B1 H32/8 128k")
 SMOKE_SHAPES = [("smoke B2 H8/2 80", 2, 8, 2, 64, 80), ("smoke MQA B3 96", 3, 8, 1, 32, 96),
                 ("ragged smoke B3 H8/2 64", 3, 8, 2, 64, 64)]
-MODEL_1B = dict(dim=2048, depth=16, heads=16, kv_heads=4, ff_mult=6.0, num_tokens=32000)  # SwiGLU hidden 8192
-MODEL_SMOKE = dict(dim=64, depth=2, heads=4, kv_heads=2, ff_mult=4.0, num_tokens=100)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -249,62 +247,6 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def build_mgqa(shape: dict, max_seq_len: int, device, dtype):
-    from mgqa import Decoder, MGQATransformer
-
-    torch.manual_seed(0)
-    layers = Decoder(dim=shape["dim"], depth=shape["depth"], heads=shape["heads"], attn_kv_heads=shape["kv_heads"],
-                     pos_emb="rotary", norm="rmsnorm", ff="swiglu", ff_mult=shape["ff_mult"], bias=False)
-    with torch.device(device):
-        model = MGQATransformer(num_tokens=shape["num_tokens"], max_seq_len=max_seq_len, attn_layers=layers)
-    return model.to(dtype).eval()
-
-
-def to_hf_llama(model, dtype):
-    """The same weights as a Hugging Face ``LlamaForCausalLM``: q/k/v from the fused qkv rows, gate/up
-    from the fused SwiGLU input (gate first), norms and embeddings as they are."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = model.config
-    head_dim, hidden = cfg.resolved_head_dim, model.attn_layers.blocks[0].ff.w_out.in_features
-    hf_cfg = LlamaConfig(vocab_size=cfg.num_tokens, hidden_size=cfg.dim, intermediate_size=hidden,
-                         num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                         head_dim=head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                         rope_theta=cfg.rotary_base, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    hf_cfg._attn_implementation = "sdpa"
-    device = model.token_emb.weight.device
-    with torch.device(device):
-        hf = LlamaForCausalLM(hf_cfg).to(dtype)
-    hf.generation_config.eos_token_id = None  # random weights: never stop early, never mask a token
-    hf.generation_config.bos_token_id = None
-    q_rows, kv_rows = cfg.heads * head_dim, cfg.kv_heads * head_dim
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(model.token_emb.weight)
-        hf.lm_head.weight.copy_(model.to_logits.weight)
-        hf.model.norm.weight.copy_(model.attn_layers.norm.weight)
-        for block, layer in zip(model.attn_layers.blocks, hf.model.layers):
-            q, k, v = block.attn.qkv.weight.split((q_rows, kv_rows, kv_rows))
-            layer.self_attn.q_proj.weight.copy_(q)
-            layer.self_attn.k_proj.weight.copy_(k)
-            layer.self_attn.v_proj.weight.copy_(v)
-            layer.self_attn.o_proj.weight.copy_(block.attn.out.weight)
-            gate, up = block.ff.w_in.weight.chunk(2)
-            layer.mlp.gate_proj.weight.copy_(gate)
-            layer.mlp.up_proj.weight.copy_(up)
-            layer.mlp.down_proj.weight.copy_(block.ff.w_out.weight)
-            layer.input_layernorm.weight.copy_(block.attn_norm.weight)
-            layer.post_attention_layernorm.weight.copy_(block.ff_norm.weight)
-    return hf.eval()
-
-
-def hf_generate(hf, prompt, new_tokens: int, static: bool):
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    if static:
-        kwargs["cache_implementation"] = "static"  # generate compiles the forward for a static cache on CUDA
-    with torch.no_grad():
-        return hf.generate(prompt, **kwargs)[:, prompt.shape[1]:]
-
-
 def time_generate(fn: Callable[[], torch.Tensor], device, repeats: int) -> tuple[float, torch.Tensor]:
     """(median seconds of ``repeats`` calls after one warm-up call, the last call's tokens)."""
     out = fn()  # warm-up: compiles kernels, tunes, captures
@@ -369,17 +311,6 @@ def print_generation(rows, title) -> None:
         for name, r in row["results"].items():
             if "skipped" in r:
                 print(f"  batch {row['batch']}: {name} skipped ({r['skipped']})")
-
-
-def hf_or_reason(model, dtype):
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return "transformers is not installed (pip install transformers)"
-    try:
-        return to_hf_llama(model, dtype)
-    except Exception as err:
-        return f"could not build LlamaForCausalLM: {_error(err)}"
 
 
 def generation_section(args, device, dtype) -> dict:
@@ -483,8 +414,10 @@ def main(argv=None) -> int:
     # Imported after the arguments are checked (a usage error costs no torch import); triton after
     # TRITON_INTERPRET is set for a CPU smoke run.
     global torch, F, triton, decode_kernels, reference_decode_attention
+    global MODEL_1B, MODEL_SMOKE, build_mgqa, hf_generate, hf_or_reason
     import torch
     import torch.nn.functional as F
+    from llama_peer import MODEL_1B, MODEL_SMOKE, build_mgqa, hf_generate, hf_or_reason  # bench/ is on sys.path
 
     if args.smoke and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
