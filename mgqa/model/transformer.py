@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -14,8 +14,9 @@ from mgqa import ops
 from mgqa.model.attention import KVCache
 from mgqa.model.config import ConfigError, ModelConfig
 from mgqa.model.decoder import Decoder
+from mgqa.model.generation import Prompt, release_decode_step, stream_tokens
 from mgqa.model.layers import RotaryEmbedding
-from mgqa.model.sampling import sample_next
+from mgqa.model.static_cache import StaticKVCache
 
 
 class MGQATransformer(nn.Module):
@@ -103,10 +104,14 @@ class MGQATransformer(nn.Module):
         cfg = self.config
         return 2 * cfg.depth * cfg.kv_heads * cfg.resolved_head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def _cache_dtype(self) -> torch.dtype:
+        ref = self.token_emb.weight
+        return torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+
     def new_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:
         cfg = self.config
         ref = self.token_emb.weight
-        dtype = torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+        dtype = self._cache_dtype()
         return KVCache(
             batch,
             cfg.depth,
@@ -117,7 +122,16 @@ class MGQATransformer(nn.Module):
             device=ref.device,
         )
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def new_static_cache(self, batch: int, capacity: Optional[int] = None) -> StaticKVCache:
+        """A cache allocated once with a length per sequence (fast, batched, graph-captured decoding)."""
+        cfg = self.config
+        capacity = capacity or cfg.max_seq_len
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} is longer than model.max_seq_len={cfg.max_seq_len}")
+        return StaticKVCache(batch, cfg.depth, cfg.kv_heads, capacity, cfg.resolved_head_dim,
+                             dtype=self._cache_dtype(), device=self.token_emb.weight.device)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache | StaticKVCache] = None) -> torch.Tensor:
         """tokens: (B, N) int64 -> logits (B, N, num_tokens). With ``cache``, the tokens continue
         the cached positions and the cache is extended by N."""
         return self.to_logits(self.hidden_states(tokens, cache=cache))  # (B, N, V)
@@ -132,31 +146,71 @@ class MGQATransformer(nn.Module):
             self.hidden_states(tokens), self.to_logits.weight, targets, ignore_index=ignore_index
         )
 
-    def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache | StaticKVCache] = None) -> torch.Tensor:
         """tokens: (B, N) int64 -> the final norm's output (B, N, dim), before the LM head."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
-        n = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + n > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + n} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
-            )
-        positions = torch.arange(start, start + n, device=tokens.device)  # (N,)
+        batch, n = tokens.shape
+        if isinstance(cache, StaticKVCache):
+            # Each sequence continues at its own length; read on the device, never on the host.
+            positions = cache.positions(n)  # (B, N)
+        else:
+            start = cache.length if cache is not None else 0
+            if start + n > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + n} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
+                )
+            positions = torch.arange(start, start + n, device=tokens.device)  # (N,)
         x = self.token_emb(tokens)  # (B, N, dim)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
-        rope = self.rotary(positions) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions.reshape(-1))  # (B*N or N, D)
+            rope = (cos.view(batch, 1, n, -1), sin.view(batch, 1, n, -1)) if positions.dim() == 2 else (cos, sin)
         x = self.attn_layers(x, rope=rope, cache=cache)  # (B, N, dim)
         if cache is not None:
             cache.advance(n)
         return x
 
-    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        *,
+        eos_token: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        use_cache: bool = True,
+        cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens (B,) after ``prompt``, up to ``max_new_tokens`` steps.
+
+        ``prompt``: (B, N) or (N,) token ids, or a list of 1-d sequences of different lengths (each
+        sequence decodes from its own length; nothing is padded after the prompt). ``temperature=0``
+        is greedy; ``top_k`` / ``top_p`` filter before sampling. With ``use_cache`` the prompt fills
+        a KV cache allocated once and each step feeds one token; ``cuda_graph`` (default: on for a
+        CUDA model) captures that step, sampling included, in a CUDA graph and replays it. Once a
+        sequence reaches ``max_seq_len`` a window slides over its last ``max_seq_len`` tokens.
+        After ``eos_token`` a sequence keeps emitting ``eos_token``; the stream stops when all have.
+        ``compile_step`` runs the decode step through ``torch.compile`` first (fewer, fused kernels;
+        a one-off compile of tens of seconds for a large model).
+        """
+        return stream_tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
+                             generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                             compile_step=compile_step)
+
+    def release_decode_step(self) -> None:
+        """Free the captured decode step and KV cache kept since the last ``generate`` on CUDA."""
+        release_decode_step(self)
+
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: Prompt,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
@@ -165,43 +219,19 @@ class MGQATransformer(nn.Module):
         use_cache: bool = True,
         eos_token: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``prompt`` (B, N); returns them, (B, max_new_tokens).
-
-        ``temperature=0`` is greedy. With ``use_cache`` each step feeds one token through a KV cache;
-        once the context reaches ``max_seq_len`` both paths slide a window over the last
-        ``max_seq_len`` tokens. After ``eos_token``, a sequence keeps emitting ``eos_token``.
-        """
-        if prompt.dim() == 1:
-            prompt = prompt.unsqueeze(0)
-        if prompt.shape[1] == 0:
-            raise ValueError("prompt must hold at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        was_training = self.training
-        self.eval()
-        max_len = self.config.max_seq_len
-        seq = prompt[:, -max_len:]
-        cache = self.new_cache(seq.shape[0]) if use_cache else None
-        logits = self(seq, cache=cache)[:, -1]  # (B, V)
-        out = []
-        finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_token is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token), token)
-                finished |= token == eos_token
-            out.append(token)
-            if step == max_new_tokens - 1 or (eos_token is not None and bool(finished.all())):
-                break
-            seq = torch.cat((seq, token[:, None]), dim=1)[:, -max_len:]
-            if cache is not None and cache.length < max_len:
-                logits = self(token[:, None], cache=cache)[:, -1]
-            else:
-                logits = self(seq)[:, -1]  # uncached, or the window slid past the cache
-        self.train(was_training)
+        """``generate_stream``'s tokens collected: (B, max_new_tokens), padded with ``eos_token``
+        after an early stop."""
+        stream = self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
+                                      generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                                      compile_step=compile_step)
+        out = list(stream)
+        batch = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else \
+            1 if isinstance(prompt, torch.Tensor) else len(prompt)
         if not out:
-            return prompt.new_empty((prompt.shape[0], 0))
+            return torch.empty((batch, 0), dtype=torch.long, device=self.token_emb.weight.device)
         tokens = torch.stack(out, dim=1)  # (B, steps)
         if tokens.shape[1] < max_new_tokens and eos_token is not None:
             pad = tokens.new_full((tokens.shape[0], max_new_tokens - tokens.shape[1]), eos_token)
