@@ -249,8 +249,12 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
 
     pool = None
     if cfg.num_proc > 1:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(cfg.num_proc, _init_worker, (data.tokenizer, data.get("eot_token")))
+        # Not fork: a parent whose torch or Rust thread pools already ran deadlocks a forked child.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        context = mp.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["mgqa.data.prepare"])  # imported once by the server, not by every worker
+        pool = context.Pool(cfg.num_proc, _init_worker, (data.tokenizer, data.get("eot_token")))
     totals = [_count_documents(src) for src, _ in passes]
     bar = tqdm(total=None if None in totals else sum(totals), initial=read, unit="doc", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
