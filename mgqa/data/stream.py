@@ -17,15 +17,20 @@ never waits on a rank that ran dry. Two ways to get there:
   runs out first starts another pass over the data in a new order.
 
 Windows hold ``seq_len + 1`` tokens with stride ``seq_len`` (inputs and shifted targets), no padding.
-Within a consumer a seeded shuffle buffer mixes windows across documents. The position
-(``epoch``, windows yielded) is the state for exact resume: restoring regenerates the epoch's
-deterministic stream and skips what was already yielded.
+Within a consumer, windows are shuffled in blocks of ``shuffle_buffer``: each block is read whole and
+yielded in a seeded order of its own. The position (``epoch``, windows yielded) is the state for
+exact resume, and the block structure makes it cheap: a resume rebuilds only the block it stopped
+in. In counted mode the token counts locate that block's first window, so shards before it are not
+read and the documents before it in its shard are read but not tokenized. Fixed mode has no counts
+to jump with: it re-reads and re-tokenizes the epoch up to the block, and logs how long that took.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+import time
 import zlib
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -33,6 +38,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mgqa.data.sources import DocumentSource
+
+log = logging.getLogger("mgqa")
 
 # (shard, index of the document in its shard) -> does this split keep it?
 DocFilter = Callable[[int, int], bool]
@@ -213,10 +220,33 @@ class PackedStream(IterableDataset):
             epoch, skip = self._next_epoch, 0
         self._next_epoch = epoch + 1
         self._epoch, self._yielded = epoch, skip
-        windows = self._shuffled(self._windows(epoch, consumer), epoch, consumer)
-        for window in itertools.islice(windows, skip, self.windows_per_consumer):
-            self._yielded += 1
-            yield window[:-1], window[1:]  # (N,), (N,)
+        block = self.shuffle_buffer if self.shuffle else 1
+        first_block, offset = divmod(skip, block)
+        started = time.perf_counter()
+        windows = self._windows(epoch, consumer, first_block * block)
+        for b in itertools.count(first_block):
+            if self._yielded >= self.windows_per_consumer:
+                return
+            chunk = [w.to(torch.int32) for w in itertools.islice(windows, block)]  # half the memory of int64
+            if not chunk:
+                return
+            if skip:
+                log.info(
+                    "%s reader %d resumed at window %d of epoch %d in %.2fs%s", self.split_name, consumer, skip, epoch,
+                    time.perf_counter() - started, " (re-read and re-tokenized up to it: batches_per_epoch mode "
+                    "cannot jump)" if self.doc_tokens is None else "",
+                )  # fmt: skip
+                skip = 0
+            order = list(range(len(chunk)))
+            if self.shuffle:
+                random.Random(f"{self.seed}/{epoch}/consumer{consumer}/block{b}").shuffle(order)
+            for i in order[offset:]:
+                if self._yielded >= self.windows_per_consumer:
+                    return
+                self._yielded += 1
+                window = chunk[i].long()
+                yield window[:-1], window[1:]  # (N,), (N,)
+            offset = 0
 
     # -- the deterministic stream of one consumer in one epoch -------------------------------
     def _order(self, epoch: int, rerun: int = 0) -> list[int]:
@@ -225,37 +255,23 @@ class PackedStream(IterableDataset):
             random.Random(f"{self.seed}/{epoch}/{rerun}").shuffle(order)
         return order
 
-    def _shuffled(self, windows: Iterator[torch.Tensor], epoch: int, consumer: int) -> Iterator[torch.Tensor]:
-        if not self.shuffle:
-            yield from windows
-            return
-        rng = random.Random(f"{self.seed}/{epoch}/consumer{consumer}")
-        buffer: list[torch.Tensor] = []
-        for window in windows:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(window.to(torch.int32))  # half the memory of int64 while buffered
-                continue
-            i = rng.randrange(len(buffer))
-            out, buffer[i] = buffer[i], window.to(torch.int32)
-            yield out.long()
-        rng.shuffle(buffer)
-        for window in buffer:
-            yield window.long()
-
-    def _windows(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+    def _windows(self, epoch: int, consumer: int, first: int = 0) -> Iterator[torch.Tensor]:
+        """This consumer's windows in stream order, from its ``first``-th window."""
         if self.doc_tokens is not None:
-            return _cut_windows(self._range_tokens(epoch, consumer), self.seq_len)
-        return _cut_windows(self._cycled_tokens(epoch, consumer), self.seq_len)
+            return _cut_windows(self._range_tokens(epoch, consumer, first), self.seq_len)
+        return itertools.islice(_cut_windows(self._cycled_tokens(epoch, consumer), self.seq_len), first, None)
 
     def _encode(self, texts: list[str]) -> Iterator[torch.Tensor]:
         eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.long)
         for tokens in self.tokenizer.encode_batch(texts):
             yield torch.cat((tokens, eot))
 
-    def _range_tokens(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
-        """Counted mode: exactly the tokens [start, start + n * seq_len + 1) of the epoch's stream."""
+    def _range_tokens(self, epoch: int, consumer: int, first: int = 0) -> Iterator[torch.Tensor]:
+        """Counted mode: exactly the tokens [start, start + n * seq_len + 1) of the epoch's stream,
+        from the ``first``-th window of the range on."""
         start = consumer * self.windows_per_consumer * self.seq_len
         end = start + self.windows_per_consumer * self.seq_len + 1
+        start += first * self.seq_len
         offset = 0
         for shard in self._order(epoch):
             if offset + self.shard_tokens[shard] <= start:

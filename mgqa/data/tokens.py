@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mgqa.data.shards import Shard
 
 _ROUNDS = 4
+_IDS_AHEAD = 256  # batches whose window numbers are computed together
 _MASK64 = np.uint64(2**64 - 1)
 
 
@@ -135,22 +136,26 @@ class TokenWindows(IterableDataset):
             epoch, start = self._next_epoch, 0
         self._next_epoch = epoch + 1
         self._epoch, self._yielded = epoch, start
-        for b in range(start, self.batches_per_consumer):
-            windows = self.batch(epoch, consumer, b)
-            self._yielded += 1
-            yield windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)
+        for first in range(start, self.batches_per_consumer, _IDS_AHEAD):
+            # Window numbers of many batches at once: the permutation's cost is per call, not per window.
+            count = min(_IDS_AHEAD, self.batches_per_consumer - first)
+            ids = self.window_ids(epoch, consumer, first, count).reshape(count, self.batch_size)
+            for row in ids:
+                windows = self.read(row)
+                self._yielded += 1
+                yield windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)
 
-    def window_ids(self, epoch: int, consumer: int, batch: int) -> np.ndarray:
-        """The split's window numbers in ``batch`` of ``consumer`` in ``epoch``: (B,) int64."""
+    def window_ids(self, epoch: int, consumer: int, batch: int, count: int = 1) -> np.ndarray:
+        """The split's window numbers of ``count`` batches of ``consumer`` in ``epoch`` from ``batch``
+        on: (count * B,) int64."""
         first = consumer * self.windows_per_consumer + batch * self.batch_size
-        positions = np.arange(first, first + self.batch_size, dtype=np.int64)
+        positions = np.arange(first, first + count * self.batch_size, dtype=np.int64)
         if not self.shuffle:
             return positions
         return permute(positions, self.num_windows, self.seed * 1_000_003 + epoch)
 
-    def batch(self, epoch: int, consumer: int, batch: int) -> torch.Tensor:
-        """The (B, seq_len + 1) int64 windows of one batch, read from the memory maps."""
-        ids = self.window_ids(epoch, consumer, batch)
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        """The (len(ids), seq_len + 1) int64 windows ``ids``, read from the memory maps."""
         shard_of = np.searchsorted(self.first_window, ids, side="right") - 1
         starts = (ids - self.first_window[shard_of]) * self.seq_len
         span = self.seq_len + 1
