@@ -194,7 +194,11 @@ def time_loader(shards, seq_len: int, batch: int, workers: int, seconds: float =
     next(it)
     tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        x, _ = next(it)
+        try:
+            x, _ = next(it)
+        except StopIteration:  # the next epoch (persistent workers stay up)
+            it = iter(loader)
+            continue
         tokens += x.numel()
     rate = tokens / (time.perf_counter() - start)
     del it, loader

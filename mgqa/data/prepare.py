@@ -82,7 +82,7 @@ class ShardWriter:
         ends = np.asarray(self.ends[:n_ends], dtype=np.int64) - self.written
         name = shard_name(self.split, len(self.shards))
         write_atomic(self.out / f"{name}.idx", ends.tobytes())
-        write_atomic(self.out / f"{name}.bin", tokens.astype(DTYPES[self.dtype]).tobytes())
+        write_atomic(self.out / f"{name}.bin", tokens.astype(DTYPES[self.dtype], copy=False).tobytes())
         self.shards.append({"file": f"{name}.bin", "tokens": int(size), "documents": int(n_ends)})
         self.ends = self.ends[n_ends:]
         self.pending, self.pending_tokens, self.written = [rest], rest.size, stop
@@ -97,22 +97,23 @@ class ShardWriter:
 
 
 # -- tokenizing, in this process or a pool ---------------------------------------------------
-_worker_tokenizer = None
+_worker_tokenizer, _worker_dtype = None, "uint32"
 
 
-def _init_worker(spec: str, eot_token: Optional[str]) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(spec, eot_token)
+def _init_worker(spec: str, eot_token: Optional[str], dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer, _worker_dtype = build_tokenizer(spec, eot_token), dtype
 
 
-def _tokenize(texts: Sequence[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated tokens of ``texts``, each followed by end-of-text, and each one's length (int64)."""
-    tokenizer = tokenizer or _worker_tokenizer
+def _tokenize(texts: Sequence[str], tokenizer=None, dtype: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated tokens of ``texts``, each followed by end-of-text, at the shards' ``dtype`` (what
+    a process sends back is 2-4x smaller than int64), and each document's length (int64)."""
+    tokenizer, dtype = tokenizer or _worker_tokenizer, DTYPES[dtype or _worker_dtype]
     encoded = tokenizer.encode_batch(list(texts))
-    eot = np.array([tokenizer.eot_id], dtype=np.int64)
-    parts = [p for t in encoded for p in (t.numpy(), eot)]
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    parts = [p for t in encoded for p in (t.numpy().astype(dtype), eot)]
     lengths = np.array([t.numel() + 1 for t in encoded], dtype=np.int64)
-    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)), lengths
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=dtype)), lengths
 
 
 # -- the plan: which documents go to which split ---------------------------------------------
@@ -254,7 +255,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
         context = mp.get_context(method)
         if method == "forkserver":
             context.set_forkserver_preload(["mgqa.data.prepare"])  # imported once by the server, not by every worker
-        pool = context.Pool(cfg.num_proc, _init_worker, (data.tokenizer, data.get("eot_token")))
+        pool = context.Pool(cfg.num_proc, _init_worker, (data.tokenizer, data.get("eot_token"), dtype))
     totals = [_count_documents(src) for src, _ in passes]
     bar = tqdm(total=None if None in totals else sum(totals), initial=read, unit="doc", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
@@ -278,7 +279,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
                 if last is not None:
                     yield (p, last[0], last[1] + 1), n_read, splits, texts
 
-            for position, n_read, splits, tokens, lengths in _run(tasks(), pool, tokenizer, cfg.num_proc):
+            for position, n_read, splits, tokens, lengths in _run(tasks(), pool, tokenizer, dtype, cfg.num_proc):
                 wrote = False
                 bounds = np.concatenate(([0], np.cumsum(lengths)))
                 for name in SPLITS:
@@ -300,6 +301,8 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
         if pool is not None:
             pool.terminate()
     elapsed = time.perf_counter() - started
+    if not writers["train"].shards:
+        raise ValueError(f"the source has no training text (every document is empty or held out): {key['source']}")
     if not writers["val"].shards:
         raise ValueError(
             f"no document was held out for validation (data.val_fraction={data.get('val_fraction')}); "
@@ -318,12 +321,12 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
     return out
 
 
-def _run(tasks, pool, tokenizer, num_proc: int):
+def _run(tasks, pool, tokenizer, dtype: str, num_proc: int):
     """(position, documents read, splits, tokens, lengths) per task, in order; a few tasks in flight
     at most, so memory stays bounded however fast the source reads."""
     if pool is None:
         for position, n_read, splits, texts in tasks:
-            yield position, n_read, splits, *_tokenize(texts, tokenizer)
+            yield position, n_read, splits, *_tokenize(texts, tokenizer, dtype)
         return
     in_flight: deque = deque()
     for position, n_read, splits, texts in tasks:

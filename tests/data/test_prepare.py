@@ -65,11 +65,11 @@ def test_an_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch
     whole = run_prepare(files, tmp_path / "whole", "shard_tokens=600", "batch_docs=3")
     calls, real = [], prep._tokenize
 
-    def dies_on_the_sixth_call(texts, tokenizer=None):
+    def dies_on_the_sixth_call(texts, tokenizer=None, dtype=None):
         calls.append(texts)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return real(texts, tokenizer)
+        return real(texts, tokenizer, dtype)
 
     monkeypatch.setattr(prep, "_tokenize", dies_on_the_sixth_call)
     with pytest.raises(KeyboardInterrupt):
@@ -80,7 +80,7 @@ def test_an_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="unfinished preparation"):
         read_manifest(cut)
     calls.clear()
-    monkeypatch.setattr(prep, "_tokenize", lambda texts, tokenizer=None: (calls.append(texts), real(texts, tokenizer))[1])
+    monkeypatch.setattr(prep, "_tokenize", lambda texts, tokenizer=None, dtype=None: (calls.append(texts), real(texts, tokenizer, dtype))[1])
     run_prepare(files, cut, "shard_tokens=600", "batch_docs=3")
     assert sum(len(c) for c in calls) < 30 - 3 * 3  # documents before the last saved shard are not tokenized again
     names = sorted(p.name for p in whole.glob("*_*.*"))
