@@ -164,6 +164,18 @@ def time_prepare(tmp: Path, tokenizer: str, num_proc: int) -> dict:
     return {"tokenizer": tokenizer, "num_proc": num_proc, "tokens": tokens, "wall_s": elapsed, "tokens_per_s": rate}
 
 
+def time_tokenizer(tokenizer: str) -> float:
+    """Tokens/s of the tokenizer's own batch call over the embedded corpus (the ceiling for prepare
+    in one process): documents in batches of 256, as prepare sends them."""
+    from mgqa.data import build_tokenizer  # noqa: PLC0415
+
+    tok = build_tokenizer(tokenizer)
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data" / "shakespeare").glob("*.txt"))] * PREPARE_COPIES
+    start = time.perf_counter()
+    tokens = sum(t.numel() for i in range(0, len(texts), 256) for t in tok.encode_batch(texts[i : i + 256]))
+    return tokens / (time.perf_counter() - start)
+
+
 def synthetic_shards(directory: Path, tokens_per_shard: int, count: int, sparse: bool) -> list:
     """``count`` uint16 shards: random tokens, or sparse files (zeros that take no disk space)."""
     from mgqa.data.shards import Shard  # noqa: PLC0415
@@ -239,22 +251,24 @@ def run_prepared(overrides: list[str], workers: list[int], out: Path) -> None:
                              "torch": torch.__version__, "load_average": os.getloadavg(), "overrides": overrides, "seq_len": seq_len, "batch_size": batch}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mgqa-bench-data-") as tmp_name:
         tmp = Path(tmp_name)
-        print(f"{'prepare':<10} {'tokenizer':<42} {'processes':>9} {'tokens':>11} {'tok/s':>12}")
+        print(f"{'prepare':<10} {'tokenizer':<42} {'processes':>9} {'tokens':>11} {'tok/s':>12} {'tokenizer alone':>16}")
         result["prepare"] = []
         for tokenizer in TOKENIZERS.values():
+            alone = time_tokenizer(tokenizer)
             for num_proc in (1, 2):
-                row = time_prepare(tmp, tokenizer, num_proc)
+                row = time_prepare(tmp, tokenizer, num_proc) | {"tokenizer_alone_tokens_per_s": alone}
                 result["prepare"].append(row)
-                print(f"{'':<10} {tokenizer:<42} {num_proc:>9} {row['tokens']:>11,} {row['tokens_per_s']:>12,.0f}")
+                print(f"{'':<10} {tokenizer:<42} {num_proc:>9} {row['tokens']:>11,} {row['tokens_per_s']:>12,.0f} {alone:>16,.0f}")
         shards = synthetic_shards(tmp / "dense", 8_000_000, 8, sparse=False)
-        print(f"\n{'loader':<10} {'workers':>7} {'tok/s':>14} {'tok/s/worker':>14}   ({seq_len}-token windows, batch {batch})")
+        print(f"\n{'loader':<10} {'seq_len':>7} {'workers':>7} {'tok/s':>14} {'tok/s/worker':>14}   (batch {batch}; workers 0 = read in the training process)")
         result["loader"] = []
-        for w in workers:
-            row = time_loader(shards, seq_len, batch, w)
-            result["loader"].append(row)
-            print(f"{'':<10} {w:>7} {row['tokens_per_s']:>14,.0f} {row['tokens_per_s_per_worker']:>14,.0f}")
+        for window in sorted({seq_len, 2048}):
+            for w in workers:
+                row = time_loader(shards, window, batch, w) | {"seq_len": window}
+                result["loader"].append(row)
+                print(f"{'':<10} {window:>7} {w:>7} {row['tokens_per_s']:>14,.0f} {row['tokens_per_s_per_worker']:>14,.0f}")
         sparse = synthetic_shards(tmp / "sparse", 100_000_000, 12, sparse=True)
-        print(f"\n{'resume at':<10} {'workers':>7} {'seconds':>8}   (1.2B-token sparse shard set)")
+        print(f"\n{'resume at':<10} {'workers':>7} {'seconds':>8}   (1.2B-token sparse shard set, {seq_len}-token windows)")
         result["resume"] = []
         for w in sorted({0, max(workers)}):
             for label, position in RESUME_POSITIONS.items():

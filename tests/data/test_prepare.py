@@ -150,3 +150,17 @@ def test_the_command_line_prepares_the_embedded_corpus(tmp_path):
     texts = {p.read_text(encoding="utf-8") for p in first}
     assert set(split_documents(out, "val")) <= texts and set(split_documents(out, "train")) <= texts
     assert ByteTokenizer().eot_id == manifest["tokenizer"]["eot_id"]
+
+
+def test_a_hub_layout_directory_with_its_own_validation_split(tmp_path):
+    """data.hub (here a local directory laid out like a hub dataset) with hub.val_split."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    rows = {"train": [f"story {i} " * (i + 2) for i in range(9)], "validation": ["the end", "", "again"]}
+    for split, texts in rows.items():
+        (hub / f"{split}.jsonl").write_text("".join(json.dumps({"story": t}) + "\n" for t in texts))
+    cfg = compose_config(["data=tinystories", f"data.hub.path={hub}", "data.text_field=story", "data.tokenizer=byte",
+                          f"out={tmp_path / 'tok'}"])  # fmt: skip
+    out = prepare(cfg, print_fn=lambda *_: None, progress=False)
+    assert split_documents(out, "train") == rows["train"]  # in order, nothing held out of train
+    assert split_documents(out, "val") == ["the end", "again"]  # empty documents skipped
