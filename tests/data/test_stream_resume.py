@@ -1,5 +1,5 @@
-"""The streaming path resumes without replaying the epoch: counted mode rebuilds only the shuffle
-block it stopped in; fixed mode (no counts to jump with) replays and logs how long it took."""
+"""The streaming path resumes without replaying the epoch: it rebuilds only the shuffle block it
+stopped in, found by the token counts (counted mode) or by the saved document position (fixed mode)."""
 
 import logging
 
@@ -46,12 +46,31 @@ def test_a_late_counted_resume_tokenizes_one_block_not_the_epoch(tmp_path, caplo
     assert f"resumed at window {skip} of epoch 0" in caplog.text and "re-tokenized" not in caplog.text
 
 
-def test_a_fixed_mode_resume_replays_and_says_how_long(tmp_path, caplog):
-    files = write_docs(tmp_path, [f"document {i} " * 20 for i in range(6)])
-    reference = list(stream(files, ByteTokenizer(), batches_per_epoch=30))
-    resumed = stream(files, ByteTokenizer(), batches_per_epoch=30)
-    resumed.load_state_dict({"epoch": 0, "yielded": 37})
+def test_a_fixed_mode_resume_starts_at_the_saved_document(tmp_path, caplog):
+    docs = [f"document {i} " + "".join(chr(97 + (i * 7 + k) % 26) for k in range(150)) for i in range(12)]
+    files = write_docs(tmp_path, docs)
+    full_tokenizer = CountingTokenizer()
+    reference = list(stream(files, full_tokenizer, batches_per_epoch=200))
+    assert len(reference) == 400  # more than one pass over the 12 documents: the reader cycles
+    interrupted = stream(files, ByteTokenizer(), batches_per_epoch=200)
+    it = iter(interrupted)
+    for _ in range(381):
+        next(it)
+    state = interrupted.state_dict()
+    assert state["origin"]["rerun"] > 0  # the saved block starts in a later pass
+    tokenizer = CountingTokenizer()
+    resumed = stream(files, tokenizer, batches_per_epoch=200)
+    resumed.load_state_dict(state)
     with caplog.at_level(logging.INFO, logger="mgqa"):
         rest = list(resumed)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, reference[37:])) and len(rest) == len(reference) - 37
-    assert "resumed at window 37 of epoch 0 in" in caplog.text and "re-tokenized up to it" in caplog.text
+    assert len(rest) == 19 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, reference[381:]))
+    assert tokenizer.encoded < full_tokenizer.encoded / 3  # a block and a document, not the passes before
+    assert "resumed at window 381 of epoch 0" in caplog.text and "re-tokenized" not in caplog.text
+
+    caplog.clear()
+    replay = stream(files, ByteTokenizer(), batches_per_epoch=200)
+    replay.load_state_dict({"epoch": 0, "yielded": 381})  # no document position: the epoch is replayed
+    with caplog.at_level(logging.INFO, logger="mgqa"):
+        again = list(replay)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, reference[381:])) and len(again) == 19
+    assert "resumed at window 381 of epoch 0 in" in caplog.text and "re-tokenized up to it" in caplog.text
