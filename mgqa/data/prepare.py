@@ -259,7 +259,8 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
     totals = [_count_documents(src) for src, _ in passes]
     bar = tqdm(total=None if None in totals else sum(totals), initial=read, unit="doc", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-    started, tokens_done = time.perf_counter(), 0
+    # The rate counts from the first batch back, so process start-up does not dilute it.
+    started, tokens_done, first_tokens = None, 0, 0
     try:
         for p in range(start_pass, len(passes)):
             source, split = passes[p]
@@ -289,8 +290,10 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
                         wrote |= writers[name].add(np.concatenate(pieces), lengths[mine])
                 read += n_read
                 tokens_done += tokens.size
+                if started is None:
+                    started, first_tokens = time.perf_counter(), tokens_done
                 bar.update(n_read)
-                rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+                rate = (tokens_done - first_tokens) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s, {sum(w.written + w.pending_tokens for w in writers.values()):,} tokens")
                 if wrote:
                     _save_progress(out, key, position, read, writers)
@@ -300,7 +303,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
         bar.close()
         if pool is not None:
             pool.terminate()
-    elapsed = time.perf_counter() - started
+    rate = (tokens_done - first_tokens) / max(time.perf_counter() - (started or 0.0), 1e-9) if started else 0.0
     if not writers["train"].shards:
         raise ValueError(f"the source has no training text (every document is empty or held out): {key['source']}")
     if not writers["val"].shards:
@@ -316,7 +319,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
     print_fn(
         f"wrote {out}: train {train['tokens']:,} tokens ({train['documents']:,} documents, {len(train['shards'])} "
         f"shards), val {val['tokens']:,} tokens ({val['documents']:,} documents); {dtype}; "
-        f"{tokens_done / max(elapsed, 1e-9) / 1e6:.2f}M tokens/s with {cfg.num_proc} process(es)"
+        f"{rate / 1e6:.2f}M tokens/s with {cfg.num_proc} process(es)"
     )
     return out
 
