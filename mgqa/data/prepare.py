@@ -117,7 +117,7 @@ def _tokenize(texts: Sequence[str], tokenizer=None, dtype: Optional[str] = None)
 
 
 # -- the plan: which documents go to which split ---------------------------------------------
-def _sources(data: DictConfig) -> list[tuple[DocumentSource, Optional[str]]]:
+def _sources(data: DictConfig, streaming: bool) -> list[tuple[DocumentSource, Optional[str]]]:
     """(source, split) passes; split None: held out by ``val_fraction`` per document."""
     text_field = data.get("text_field", "text")
     hub = data.get("hub")
@@ -128,10 +128,10 @@ def _sources(data: DictConfig) -> list[tuple[DocumentSource, Optional[str]]]:
         return [(train, None)]
     if not hub or not hub.get("path"):
         raise ValueError("the data config has neither data.files nor data.hub.path: nothing to prepare")
-    train = DocumentSource(hub_path=hub.path, hub_name=hub.get("name"), split=hub.get("split", "train"), text_field=text_field)
+    common = dict(hub_path=hub.path, hub_name=hub.get("name"), text_field=text_field, streaming=streaming)
+    train = DocumentSource(split=hub.get("split", "train"), **common)
     if hub.get("val_split"):
-        val = DocumentSource(hub_path=hub.path, hub_name=hub.get("name"), split=hub.val_split, text_field=text_field)
-        return [(train, "train"), (val, "val")]
+        return [(train, "train"), (DocumentSource(split=hub.val_split, **common), "val")]
     return [(train, None)]
 
 
@@ -236,7 +236,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
             print_fn(f"{out} is already prepared with this config ({done['splits']['train']['tokens']:,} training tokens)")
             return out
         raise ValueError(f"{out} holds a preparation of another config; choose another out or delete it")
-    passes = _sources(data)
+    passes = _sources(data, bool(cfg.streaming))
     keep_val = None if len(passes) == 2 else _holdout(passes[0][0], float(data.val_fraction), int(data.seed))
     out.mkdir(parents=True, exist_ok=True)
     saved = _load_progress(out, print_fn)

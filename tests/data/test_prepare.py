@@ -152,15 +152,21 @@ def test_the_command_line_prepares_the_embedded_corpus(tmp_path):
     assert ByteTokenizer().eot_id == manifest["tokenizer"]["eot_id"]
 
 
-def test_a_hub_layout_directory_with_its_own_validation_split(tmp_path):
-    """data.hub (here a local directory laid out like a hub dataset) with hub.val_split."""
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_hub_layout_directory_with_its_own_validation_split(tmp_path, monkeypatch, streaming):
+    """data.hub (here a local directory laid out like a hub dataset) with hub.val_split, streamed or
+    first downloaded into the datasets cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     hub = tmp_path / "hub"
     hub.mkdir()
     rows = {"train": [f"story {i} " * (i + 2) for i in range(9)], "validation": ["the end", "", "again"]}
     for split, texts in rows.items():
         (hub / f"{split}.jsonl").write_text("".join(json.dumps({"story": t}) + "\n" for t in texts))
     cfg = compose_config(["data=tinystories", f"data.hub.path={hub}", "data.text_field=story", "data.tokenizer=byte",
-                          f"out={tmp_path / 'tok'}"])  # fmt: skip
+                          f"out={tmp_path / 'tok'}", f"streaming={streaming}"])  # fmt: skip
     out = prepare(cfg, print_fn=lambda *_: None, progress=False)
     assert split_documents(out, "train") == rows["train"]  # in order, nothing held out of train
     assert split_documents(out, "val") == ["the end", "again"]  # empty documents skipped
+    assert any((tmp_path / "cache").rglob("*.arrow")) != streaming
