@@ -163,6 +163,10 @@ def _count_documents(source: DocumentSource) -> Optional[int]:
             with open(path, "rb") as f:
                 lines += sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 24), b""))
         return lines
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
+
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in source.files)
     return None
 
 

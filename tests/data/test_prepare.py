@@ -170,3 +170,19 @@ def test_a_hub_layout_directory_with_its_own_validation_split(tmp_path, monkeypa
     assert split_documents(out, "train") == rows["train"]  # in order, nothing held out of train
     assert split_documents(out, "val") == ["the end", "again"]  # empty documents skipped
     assert any((tmp_path / "cache").rglob("*.arrow")) != streaming
+
+
+def test_jsonl_rows_are_held_out_by_a_hash_of_their_position(tmp_path):
+    from mgqa.data.prepare import _count_documents
+    from mgqa.data.sources import DocumentSource
+
+    texts = [f"row {i} " * (i + 1) for i in range(24)]
+    for part in range(2):
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[part::2]))
+    files = str(tmp_path / "*.jsonl")
+    assert _count_documents(DocumentSource(files=files)) == 24  # the progress bar's total, for its ETA
+    out = run_prepare(files, tmp_path / "tok", "data.val_fraction=0.3")
+    train, val = split_documents(out, "train"), split_documents(out, "val")
+    assert sorted(train + val) == sorted(texts) and 0 < len(val) < 24
+    again = run_prepare(files, tmp_path / "again", "data.val_fraction=0.3")
+    assert split_documents(again, "val") == val  # the same rows on every run
