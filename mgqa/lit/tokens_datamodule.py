@@ -9,6 +9,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mgqa.data import build_tokenizer
@@ -77,6 +78,11 @@ class TokenDataModule(L.LightningDataModule):
             self.val_set = TokenWindows(self._shards["val"], shuffle=False, split_name="validation", **common)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        tokens = sum(s.num_tokens for s in self._shards["train"])
+        rank_zero_info(
+            f"data: {self.dir}: {tokens:,} training tokens in {len(self._shards['train'])} shard(s), "
+            f"{self.train_set.num_windows:,} windows of {self.seq_len}; {len(self.train_set):,} batches per epoch per device"
+        )
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
