@@ -7,7 +7,8 @@
 Any ``conf/data`` config is a source (local files or a hub dataset; its ``tokenizer``, ``val_files``
 / ``hub.val_split`` or ``val_fraction`` and ``seed``), with the options of ``conf/prepare.yaml``.
 The train/val split is made here, by document: a separate validation source if the config has
-one, else each document is held out with probability ``val_fraction`` by a hash of its position.
+one, else ``val_fraction`` of the documents: exactly that share of the files when each file is one
+document (txt), otherwise each document with that probability by a hash of its position.
 
 Documents are read in order by this process and tokenized by ``num_proc`` processes (the Rust
 tokenizer also uses threads within one process). Shards and their indexes are written atomically;
@@ -360,7 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(__doc__)
         return 0
     try:
-        prepare(compose_config(argv))
+        cfg = compose_config(argv)
+        prepare(cfg)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to continue in {cfg.out}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     except Exception as err:  # Hydra's override and composition errors

@@ -58,7 +58,7 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
         assert path.read_bytes() == (two / path.name).read_bytes(), path.name
 
 
-def test_an_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch):
+def test_an_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     import mgqa.data.prepare as prep
 
     files = write_docs(tmp_path / "docs", docs_of(30))
@@ -79,6 +79,10 @@ def test_an_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch
     assert not list(cut.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="unfinished preparation"):
         read_manifest(cut)
+    monkeypatch.setattr(prep, "_tokenize", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = [f"data.files={files}", f"out={cut}", "data.val_fraction=0.2", "shard_tokens=600", "batch_docs=3"]
+    assert main(args) == 130  # Ctrl-C: a hint, no traceback
+    assert "run the same command again to continue" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(prep, "_tokenize", lambda texts, tokenizer=None, dtype=None: (calls.append(texts), real(texts, tokenizer, dtype))[1])
     run_prepare(files, cut, "shard_tokens=600", "batch_docs=3")
