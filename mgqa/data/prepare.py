@@ -366,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to continue in {cfg.out}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # a bad value or path, an unreachable hub
         raise SystemExit(f"error: {err}") from None
     except Exception as err:  # Hydra's override and composition errors
         if type(err).__module__.startswith(("hydra", "omegaconf")):
