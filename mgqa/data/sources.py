@@ -45,7 +45,8 @@ class DocumentSource:
     Local: ``files`` (globs) of one format; ``.txt`` files are one document each, jsonl/parquet rows
     are documents with the text in ``text_field``. Hub: ``hub_path`` (+ ``hub_name`` config) and
     ``split``, e.g. ``HuggingFaceFW/fineweb-edu``, ``sample-10BT``, ``train``; a local directory laid
-    out like a hub dataset repository works the same way.
+    out like a hub dataset repository works the same way. ``streaming=False`` downloads a hub
+    dataset into the ``datasets`` cache first and reads it from there.
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class DocumentSource:
         hub_path: Optional[str] = None,
         hub_name: Optional[str] = None,
         split: str = "train",
+        streaming: bool = True,
     ) -> None:
         from datasets import load_dataset  # noqa: PLC0415 (slow import; only when data is read)
 
@@ -71,7 +73,9 @@ class DocumentSource:
             self.names = [str(f) for f in self.files]
         else:
             self.files = []
-            self.dataset = load_dataset(hub_path, name=hub_name, split=split, streaming=True)
+            self.dataset = load_dataset(hub_path, name=hub_name, split=split, streaming=streaming)
+            if not streaming:  # cached Arrow files, read as shards like a streamed dataset
+                self.dataset = self.dataset.to_iterable_dataset(num_shards=max(1, len(self.dataset.cache_files)))
             label = f"{hub_path}" + (f" ({hub_name})" if hub_name else "") + f" split {split!r}"
             self.names = [f"{label} shard {i}" for i in range(self.dataset.n_shards)]
         if len(self.names) != self.dataset.n_shards:
