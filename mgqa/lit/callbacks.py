@@ -15,6 +15,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from mgqa.lit.module import NonFiniteLossError
+
 
 class TokenThroughput(L.Callback):
     """Logs ``train/tokens_per_s``: tokens of the optimizer steps since the last log, over wall time.
@@ -90,10 +92,13 @@ class SignalCheckpoint(L.Callback):
         if not final and not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         trainer.save_checkpoint(self.path)
-        # Stopping runs the epoch-end hooks; a checkpoint written there would look like an
-        # end-of-epoch state and resume at the next epoch. Mark this step as saved.
+        # Stopping runs the epoch-end hooks; a step checkpoint written there would look like an
+        # end-of-epoch state and resume at the next epoch. Mark this step as saved for the callbacks
+        # that save on training steps or time; those that save on validation (the best by val/loss)
+        # still see the validation that follows the final step or the stop.
         for callback in trainer.checkpoint_callbacks:
-            callback._last_global_step_saved = trainer.global_step
+            if _saves_on_train_steps(callback):
+                callback._last_global_step_saved = trainer.global_step
         if final:
             return
         self.saved_at_step = trainer.global_step
@@ -106,6 +111,37 @@ class SignalCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+def _saves_on_train_steps(callback: Any) -> bool:
+    """Whether a ``ModelCheckpoint`` saves every N training steps or on a timer (not at validation)."""
+    return bool(getattr(callback, "_every_n_train_steps", 0)) or getattr(callback, "_train_time_interval", None) is not None
+
+
+class FiniteStateGuard(L.Callback):
+    """Stops training, before any checkpoint of the step is written, once an optimizer step leaves a
+    weight with NaN or infinity (a finite loss can still give such an update, e.g. at a huge learning
+    rate). A skipped batch cannot undo an applied update, so this stops under ``nonfinite_loss.action=skip``
+    too. Must run before the checkpoint callbacks' ``on_train_batch_end``: ``build`` puts it first.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return  # no update since the last check
+        params = [p for p in pl_module.parameters() if p.is_floating_point() and p.numel() > 0]
+        # One device-to-host sync per step: per-tensor flags, stacked, reduced once.
+        local_bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            return
+        names = [n for n, p in pl_module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        where = ", ".join(names[:3]) if names else "on another rank"
+        raise NonFiniteLossError(
+            f"the update of step {trainer.global_step - 1} left NaN or infinity in the weights ({where}) "
+            "although the loss was finite; nothing of this step was saved. Resume with ckpt_path=last and a "
+            "lower optim.optimizer.lr (or gradient clipping: trainer.gradient_clip_val)"
+        )
 
 
 class FinalValidation(L.Callback):

@@ -30,7 +30,9 @@ class LanguageModel(L.LightningModule):
 
     ``nonfinite_loss``: ``{"action": "stop" | "skip", "max_skips": N}``. On a NaN/Inf loss, ``stop``
     raises ``NonFiniteLossError`` naming the step (no checkpoint is written, so the last good one
-    stays); ``skip`` drops the batch's update, at most N times in a run, then stops.
+    stays); ``skip`` drops the batch's update, at most N times in a run, then stops; a skipped step
+    logs its loss (NaN/Inf) and ``train/skipped_batches``. Weights made non-finite by an update stop
+    the run in either mode (``mgqa.lit.callbacks.FiniteStateGuard``).
     """
 
     def __init__(
@@ -74,14 +76,18 @@ class LanguageModel(L.LightningModule):
         where = f"at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
         if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
             self.nonfinite_skips += 1
+            # Logged as what it was: the step's non-finite loss and the running count of skipped
+            # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
+            self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log("train/skipped_batches", float(self.nonfinite_skips))
             log.warning(
                 "non-finite training loss (%s) %s: batch skipped (%d of at most %d)",
                 loss.item(), where, self.nonfinite_skips, self.max_nonfinite_skips,
             )
             return None
         raise NonFiniteLossError(
-            f"training loss is {loss.item()} {where}; stopping. The last good checkpoint is kept: resume with "
-            "ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
+            f"training loss is {loss.item()} {where}; stopping. Checkpoints on disk hold only finite states: "
+            "resume with ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
         )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
