@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
@@ -16,13 +18,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mgqa.data import build_tokenizer
-from mgqa.lit.callbacks import FinalValidation, SignalCheckpoint
-from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
+from mgqa.lit.callbacks import FinalValidation, FiniteStateGuard, SignalCheckpoint
+from mgqa.lit.checkpoint import (
+    AtomicCheckpointIO,
+    check_compatible,
+    checkpoint_candidates,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_finite_checkpoint,
+)
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
 from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
+from mgqa.lit.rundir import RunDirLock, check_resumable_name, save_run_record
+from mgqa.lit.validate import validate_config
 from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
@@ -78,7 +89,15 @@ def _instantiate_group(group: Optional[DictConfig]) -> list[Any]:
 def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     """Validate the config, then build the LightningModule, DataModule and Trainer (no data read yet)."""
     model_cfg = resolve_model_config(cfg)
-    datamodule: TextDataModule = instantiate(cfg.data)
+    try:
+        datamodule: TextDataModule = instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, TypeError):  # an unknown key added with +data.<key>=...
+            raise ConfigError(f"data: {cause}") from err
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(str(cause)) from err
+        raise
     datamodule.check_files()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     nonfinite = OmegaConf.to_container(cfg.nonfinite_loss, resolve=True) if cfg.get("nonfinite_loss") else None
@@ -94,6 +113,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.insert(0, FiniteStateGuard())  # before any callback that saves the step's state
     callbacks.append(FinalValidation())
     loggers = _instantiate_group(cfg.get("logger")) or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
@@ -129,7 +149,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig) -> tu
         path, checkpoint = found
     else:
         path = Path(requested)
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_finite_checkpoint(path)
     check_compatible(path, checkpoint, model_cfg.to_dict(), tokenizer)
     step = int(checkpoint.get("global_step", 0))
     rank_zero_info(f"resuming from {path} (step {step})")
@@ -147,19 +167,40 @@ def _launching_rank_zero() -> bool:
 def train(cfg: DictConfig) -> Optional[float]:
     """Fit, validate once more, print the final validation loss and a sample. Returns the final val loss.
 
-    Stopped by a signal, it saves ``last.ckpt`` and returns None without the final report.
+    Everything is checked before the run directory is written: the config, the run-directory lock,
+    the data files, the checkpoint to resume. Rank 0 then holds the directory's lock (``RunDirLock``)
+    until the run ends. Stopped by a signal, it saves ``last.ckpt`` and returns None without the final
+    report.
     """
     run_dir = Path(cfg.run_dir)
+    check_resumable_name(cfg)
+    validate_config(cfg)
     model_cfg = resolve_model_config(cfg)
-    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if _launching_rank_zero():
-        # Rows after the resumed step are logged again; a fresh start begins an empty file.
-        truncate_metrics(run_dir / "metrics.csv", start_step)
+    owner = _launching_rank_zero()
+    if owner:
+        RunDirLock(run_dir).check_free()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
+    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
+    with RunDirLock(run_dir) if owner else contextlib.nullcontext():
+        return _fit(cfg, run_dir, module, datamodule, trainer, ckpt_path, start_step)
+
+
+def _fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    module: LanguageModel,
+    datamodule: TextDataModule,
+    trainer: L.Trainer,
+    ckpt_path: Optional[Path],
+    start_step: int,
+) -> Optional[float]:
+    if _launching_rank_zero():
+        save_run_record(run_dir, cfg)
+        # Rows after the resumed step are logged again; a fresh start begins an empty file.
+        truncate_metrics(run_dir / "metrics.csv", start_step)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log_config(trainer.loggers, cfg)
