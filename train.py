@@ -12,19 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mgqa.data import DataError
 from mgqa.lit.config import register_configs
 from mgqa.lit.launch import job_scope
-from mgqa.lit.module import NonFiniteLossError
 from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.run import train
 from mgqa.lit.sweep import objective
-from mgqa.model import ConfigError
+from mgqa.lit.validate import USER_ERRORS
 
 register_configs()
-
-# A wrong setting, path, file or checkpoint, or a run that diverged: the message is the whole story.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NonFiniteLossError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -32,7 +27,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with job_scope():  # each job of a `-m` sweep starts clean: no process group, env or wandb run left over
             return objective(cfg, train(cfg))
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # the message is the whole story
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and runs the next one
         # A refused launch leaves no directory behind (Hydra made it before the checks).

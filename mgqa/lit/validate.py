@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mgqa.data.sources import DataError
+from mgqa.lit.module import NonFiniteLossError
 from mgqa.model.config import ConfigError
+
+# The errors a user fixes by changing an input (a setting, path, file or checkpoint) or the settings of a
+# run that diverged: ``train.py`` prints them as one ``error:`` line, without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, NonFiniteLossError)
 
 NONFINITE_ACTIONS = ("stop", "skip")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")

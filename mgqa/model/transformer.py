@@ -100,6 +100,7 @@ class MGQATransformer(nn.Module):
         the cached positions and the cache is extended by N."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+        self._check_token_ids(tokens)
         n = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if start + n > self.config.max_seq_len:
@@ -116,6 +117,17 @@ class MGQATransformer(nn.Module):
         if cache is not None:
             cache.advance(n)
         return self.to_logits(x)  # (B, N, V)
+
+    def _check_token_ids(self, tokens: torch.Tensor) -> None:
+        """An id outside [0, num_tokens) names itself, instead of an embedding ``IndexError`` (CPU) or a
+        device-side assert (CUDA). Skipped while compiling, and in CUDA training, where the batches come
+        from the tokenizer ``num_tokens`` was checked against and a host sync per step would cost time."""
+        if tokens.numel() == 0 or torch.compiler.is_compiling() or (self.training and tokens.is_cuda):
+            return
+        low, high = (int(t) for t in torch.aminmax(tokens))
+        if low < 0 or high >= self.config.num_tokens:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, num_tokens={self.config.num_tokens})")
 
     @torch.no_grad()
     def generate(
