@@ -49,8 +49,9 @@ SNIFF_BYTES = 1 << 16
 
 def check_file(path: Path, text_field: str = "text") -> None:
     """Cheap checks of a local data file before any work starts: its extension, that it is not empty,
-    that its first ``SNIFF_BYTES`` are UTF-8 text (txt/jsonl), and that the first jsonl line is a JSON
-    object holding ``text_field``. Raise ``DataError`` naming the file (and line)."""
+    that its first ``SNIFF_BYTES`` are UTF-8 text (txt/jsonl), and that the jsonl lines among them are
+    JSON objects, the first holding ``text_field``. Raise ``DataError`` naming the file (and line);
+    errors further in are named the same way when they are read."""
     builder = _builder_for([path])
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
@@ -67,18 +68,23 @@ def check_file(path: Path, text_field: str = "text") -> None:
     if "\x00" in text:
         raise DataError(f"data file {path} holds NUL bytes: binary data, not text")
     if builder == "json" and path.suffix.lower() == ".jsonl":
-        first = next((line for line in text.splitlines() if line.strip()), None)
-        if first is None:
+        lines = text.splitlines()
+        if len(head) == SNIFF_BYTES:
+            lines = lines[:-1]  # the last sniffed line may be cut
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        if not numbered and len(head) < SNIFF_BYTES:
             raise DataError(f"data file {path} has no JSON lines")
-        if len(first) < len(text) or len(head) < SNIFF_BYTES:  # the whole first line was read
+        for number, line in numbered:
             try:
-                row = json.loads(first)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path} line 1 is not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path} line {number} is not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, not an object")
+            if number == numbered[0][0] and text_field not in row:
                 raise DataError(
-                    f"{path} line 1 has no text field {text_field!r} (its fields: {fields}); set data.text_field"
+                    f"{path} line {number} has no text field {text_field!r} (its fields: {sorted(row)}); "
+                    "set data.text_field"
                 )
 
 
@@ -91,7 +97,7 @@ def bad_json_line(path: Path) -> str:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno})"
             if not isinstance(row, dict):
                 return f"line {number} is a JSON {type(row).__name__}, not an object"
     return "a line could not be parsed"

@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +23,7 @@ from mgqa.lit.callbacks import FinalValidation, FiniteStateGuard, SignalCheckpoi
 from mgqa.lit.checkpoint import (
     AtomicCheckpointIO,
     check_compatible,
+    first_line,
     checkpoint_candidates,
     find_resume_checkpoint,
     load_checkpoint,
@@ -79,11 +81,21 @@ def _check_fsdp_device(trainer_cfg: DictConfig) -> None:
         )
 
 
-def _instantiate_group(group: Optional[DictConfig]) -> list[Any]:
-    """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping null entries."""
+def _instantiate_group(group: Optional[DictConfig], name: str) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping null entries. A value the
+    target refuses is a ``ConfigError`` naming the entry (``callbacks.latest_checkpoint: ...``)."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+    objects = []
+    for key, node in group.items():
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            objects.append(instantiate(node))
+        except InstantiationException as err:
+            cause = err.__cause__ if err.__cause__ is not None else err
+            raise ConfigError(f"{name}.{key}: {first_line(cause)}") from err
+    return objects
 
 
 def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
@@ -110,17 +122,20 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     _check_fsdp_device(cfg.trainer)
     if isinstance(trainer_cfg.get("strategy"), dict):  # a strategy object, e.g. conf/trainer/ddp.yaml
         trainer_cfg["strategy"] = instantiate(cfg.trainer.strategy)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.insert(0, FiniteStateGuard())  # before any callback that saves the step's state
     callbacks.append(FinalValidation())
-    loggers = _instantiate_group(cfg.get("logger")) or False
+    loggers = _instantiate_group(cfg.get("logger"), "logger") or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
         plugins.append(AtomicCheckpointIO())
     trainer_cfg.setdefault("default_root_dir", str(cfg.run_dir))
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
+    try:
+        trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
+    except (TypeError, ValueError, MisconfigurationException) as err:  # an unknown or refused trainer.* value
+        raise ConfigError(f"trainer: {first_line(err)}") from err
     return module, datamodule, trainer
 
 
