@@ -17,7 +17,7 @@ from mgqa.lit.launch import job_scope
 from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.run import train
 from mgqa.lit.sweep import objective
-from mgqa.lit.validate import USER_ERRORS
+from mgqa.lit.validate import USER_ERRORS, user_message
 
 register_configs()
 
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra records the job as failed and runs the next one
         # A refused launch leaves no directory behind (Hydra made it before the checks).
         remove_if_empty(HydraConfig.get().runtime.output_dir, stop_at=Path(str(cfg.output_root)).parent)
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {user_message(err)}") from None
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,9 +23,9 @@ from mgqa.lit.callbacks import FinalValidation, FiniteStateGuard, SignalCheckpoi
 from mgqa.lit.checkpoint import (
     AtomicCheckpointIO,
     check_compatible,
-    first_line,
     checkpoint_candidates,
     find_resume_checkpoint,
+    first_line,
     load_checkpoint,
     load_finite_checkpoint,
 )
@@ -212,6 +212,7 @@ def _fit(
     ckpt_path: Optional[Path],
     start_step: int,
 ) -> Optional[float]:
+    run_dir.mkdir(parents=True, exist_ok=True)  # the other ranks may get here before rank 0's lock makes it
     if _launching_rank_zero():
         save_run_record(run_dir, cfg)
         # Rows after the resumed step are logged again; a fresh start begins an empty file.

@@ -20,6 +20,19 @@ from mgqa.model.config import ConfigError
 # run that diverged: ``train.py`` prints them as one ``error:`` line, without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, NonFiniteLossError)
 
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error. One re-raised from a DataLoader worker carries the worker's traceback
+    as text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): keep only the
+    original message, its last line."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 NONFINITE_ACTIONS = ("stop", "skip")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
