@@ -71,6 +71,10 @@ class RunDirLock:
             holder = describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
             os.close(fd)
             raise RunDirLocked(self._refusal(holder)) from None
+        except OSError as err:  # a filesystem without flock (some network mounts): run, but say so
+            os.close(fd)
+            log.warning("cannot lock run directory %s (%s): a second launch on it would not be refused", self.run_dir, err)
+            return
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if previous:
             pid = previous.split()[0]
@@ -93,6 +97,8 @@ class RunDirLock:
         except BlockingIOError:
             holder = describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
             raise RunDirLocked(self._refusal(holder)) from None
+        except OSError:
+            return  # no flock on this filesystem: acquire() says so
         finally:
             os.close(fd)
 
