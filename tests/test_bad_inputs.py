@@ -92,18 +92,16 @@ def test_cli_bad_inputs_are_one_line_before_any_work_and_leave_disk_untouched(tm
     triton = "model.attn_backend=triton" if not torch.cuda.is_available() else f"data.files={bad_files / 'random.bin'}"
     cases = [
         (("run_name=kept", "trainer.max_steps=-5"), "trainer.max_steps must be a positive integer"),
-        (("run_name=new", "+optim.lr=0.1"), "did you mean optim.optimizer.lr?"),
         (("run_name=kept", f"data.files={bad_files / 'rows.jsonl'}"), "rows.jsonl line 3 is not valid JSON"),
         (("ckpt_path=last",), "ckpt_path=last needs run_name=NAME"),
         (("run_name=new", triton), "model.attn_backend=triton needs a CUDA GPU" if "triton" in triton else "random.bin"),
     ]
-    for start in range(0, len(cases), 3):  # a few at a time: each is a Python start-up, then a quick refusal
-        batch = [(launch(root, *args), fragment) for args, fragment in cases[start:start + 3]]
-        for proc, fragment in batch:
-            code, output = finish(proc)
-            assert_one_error_line(code, output, fragment)
-            if fragment.startswith("ckpt_path=last"):
-                assert "run_name=kept ckpt_path=last" in output  # names the run to resume
+    running = [(launch(root, *args), fragment) for args, fragment in cases]  # each a start-up, then a refusal
+    for proc, fragment in running:
+        code, output = finish(proc)
+        assert_one_error_line(code, output, fragment)
+        if fragment.startswith("ckpt_path=last"):
+            assert "run_name=kept ckpt_path=last" in output  # names the run to resume
     assert snapshot(kept) == before
     assert sorted(p.name for p in out.iterdir()) == ["kept"]  # no directory left by a refused launch
 
@@ -112,6 +110,7 @@ def test_cli_bad_inputs_are_one_line_before_any_work_and_leave_disk_untouched(tm
     "override, fragment",
     [
         ("optim.optimizer.lr=-1", "optim.optimizer.lr must be a positive number, got -1"),
+        ("+optim.lr=0.1", "optim.lr is not an option: optim takes optimizer and scheduler; did you mean optim.optimizer.lr?"),
         ("optim.optimizer.betas=[0.9,1.5]", "optim.optimizer.betas must be two numbers in [0, 1)"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval must be a positive integer"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is unknown"),
