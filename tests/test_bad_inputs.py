@@ -189,6 +189,16 @@ def test_a_diverging_run_leaves_only_finite_checkpoints(tmp_path):
             assert nonfinite_tensors(load_checkpoint(path)) == [], path
         path, state = find_resume_checkpoint(run_dir)  # what ckpt_path=last resumes
         assert nonfinite_tensors(state) == []
+    # The advice of the error works: resume the stopped run from a step before the divergence at a lower
+    # learning rate, and it finishes.
+    run_dir = tmp_path / "stop"
+    earliest = sorted((run_dir / "checkpoints").glob("step*.ckpt"))[0]
+    steps = load_checkpoint(earliest)["global_step"] + 2
+    val_loss = train(compose(*short, f"run_dir={run_dir}", f"ckpt_path={earliest}", "optim.optimizer.lr=1e-3",
+                             f"trainer.max_steps={steps}"))
+    assert val_loss == val_loss and val_loss < 10
+    lrs = [float(r["train/lr"]) for r in read_rows(run_dir / "metrics.csv") if r["train/lr"]]
+    assert lrs[-1] <= 1e-3 * 1.0001  # the configured learning rate (logged in float32), not the checkpoint's 1e4
 
 
 def test_checkpoint_io_refuses_to_write_a_nonfinite_state(tmp_path):

@@ -139,9 +139,34 @@ class FiniteStateGuard(L.Callback):
         where = ", ".join(names[:3]) if names else "on another rank"
         raise NonFiniteLossError(
             f"the update of step {trainer.global_step - 1} left NaN or infinity in the weights ({where}) "
-            "although the loss was finite; nothing of this step was saved. Resume with ckpt_path=last and a "
-            "lower optim.optimizer.lr (or gradient clipping: trainer.gradient_clip_val)"
+            "although the loss was finite; nothing of this step was saved. Resume with a lower optim.optimizer.lr "
+            "from ckpt_path=last, or from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
         )
+
+
+class ConfiguredLearningRate(L.Callback):
+    """A resumed run trains at the configured ``optim.optimizer.lr``, not at the one stored with the
+    optimizer and LR-schedule state: lowering the learning rate is the usual answer to a diverged run
+    (see ``FiniteStateGuard``). The schedule keeps its position; its base learning rate changes."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        lr = float(pl_module.hparams["optim"]["optimizer"]["lr"])
+        stored = None
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                base = float(group.get("initial_lr", group["lr"]))
+                if base != lr:
+                    stored = base
+                    group["lr"] *= lr / base  # the same point of the schedule, from the new base
+                    group["initial_lr"] = lr
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        if stored is not None:
+            rank_zero_info(f"resumed with optim.optimizer.lr={lr:g} (the checkpoint's was {stored:g})")
 
 
 class FinalValidation(L.Callback):

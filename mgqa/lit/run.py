@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mgqa.data import build_tokenizer
-from mgqa.lit.callbacks import FinalValidation, FiniteStateGuard, SignalCheckpoint
+from mgqa.lit.callbacks import ConfiguredLearningRate, FinalValidation, FiniteStateGuard, SignalCheckpoint
 from mgqa.lit.checkpoint import (
     AtomicCheckpointIO,
     check_compatible,
@@ -126,7 +126,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.insert(0, FiniteStateGuard())  # before any callback that saves the step's state
-    callbacks.append(FinalValidation())
+    callbacks += [ConfiguredLearningRate(), FinalValidation()]
     loggers = _instantiate_group(cfg.get("logger"), "logger") or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
