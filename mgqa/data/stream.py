@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mgqa.data.sources import DocumentSource
+from mgqa.data.sources import DataError, DocumentSource
 
 log = logging.getLogger("mgqa")
 
@@ -93,7 +93,7 @@ class HeldOut:
 
 def _check_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
 
 
 def holdout_by_count(counts: Sequence[Sequence[int]], val_fraction: float, seed: int) -> HeldOut:
@@ -101,7 +101,7 @@ def holdout_by_count(counts: Sequence[Sequence[int]], val_fraction: float, seed:
     _check_fraction(val_fraction)
     keys = [(s, j) for s, shard in enumerate(counts) for j, n in enumerate(shard) if n > 0]
     if len(keys) < 2:
-        raise ValueError(f"need at least 2 non-empty documents to hold one out for validation, got {len(keys)}")
+        raise DataError(f"need at least 2 non-empty documents to hold one out for validation, got {len(keys)}")
     random.Random(seed).shuffle(keys)
     return HeldOut(keys=set(keys[: max(1, round(len(keys) * val_fraction))]))
 
@@ -177,7 +177,7 @@ class PackedStream(IterableDataset):
             total_windows = max(0, sum(self.shard_tokens) - 1) // seq_len
             self.windows_per_consumer = total_windows // self.consumers // batch_size * batch_size
             if self.windows_per_consumer == 0:
-                raise ValueError(
+                raise DataError(
                     f"the {split_name} split has {total_windows} windows of {seq_len} tokens, fewer than one batch "
                     f"for each of {self.consumers} readers (world_size {world_size} x workers {self.workers} x "
                     f"data.batch_size {batch_size} = {self.consumers * batch_size}); lower the batch size, seq_len "
@@ -185,7 +185,7 @@ class PackedStream(IterableDataset):
                 )
         else:
             if not isinstance(batches_per_epoch, int) or batches_per_epoch < self.workers:
-                raise ValueError(
+                raise DataError(
                     f"data.batches_per_epoch must be an integer >= num_workers ({self.workers}), got {batches_per_epoch!r}"
                 )
             self.doc_tokens = None
@@ -371,7 +371,7 @@ class PackedStream(IterableDataset):
                         yield from emit()
             yield from emit()
             if produced == 0:
-                raise ValueError(
+                raise DataError(
                     f"reader {consumer} of {self.consumers} found no {self.split_name} text in a full pass over "
                     f"{self.source.num_shards} shard(s); the split is empty or has fewer documents than readers "
                     "(for a held-out fraction: raise data.val_fraction)"
