@@ -54,6 +54,13 @@ def test_benchmark_shapes_match_reference(batch, heads, kv_heads, head_dim, cont
 def test_ragged_lengths_and_several_queries(n_q, kv_heads, dtype):
     q, k, v = inputs(6, 16, kv_heads, n_q, 128, 5000, dtype, seed=n_q)
     lengths = torch.tensor([5000, 8, 1, 4097, 64, 2500], device="cuda").clamp(min=n_q)
+    if n_q > 1:  # measured wrong on an H100 (see kernels.decode.unsupported_reason): refused on GPUs
+        with pytest.raises(ValueError, match="on a GPU the decode kernel takes one"):
+            kernels.decode_attention(q, k, v, lengths)
+        torch.testing.assert_close(  # auto runs them through SDPA
+            ops.decode_attention(q, k, v, lengths).double(),
+            reference_decode_attention(q, k, v, lengths, upcast=torch.float32).double(), rtol=3e-2, atol=3e-2)
+        return
     check(q, k, v, lengths)
     check(q, k, v, lengths, causal=False)
     check(q, k, v, lengths, splits=1)
