@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
+from mgqa.lit.console import quiet_console
 from mgqa.lit.launch import job_scope
 from mgqa.lit.run import train
 from mgqa.lit.sweep import objective
@@ -22,6 +23,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_console()
     try:
         with job_scope():  # each job of a `-m` sweep starts clean: no process group, env or wandb run left over
             return objective(cfg, train(cfg))
