@@ -94,3 +94,18 @@ def test_debug_profile_writes_a_trace_to_the_run_directory(tmp_path):
     assert any("training_step" in name for name in traces), traces
     table = (tmp_path / "profile" / "fit-ops.txt").read_text()
     assert "run_training_batch" in table and "aten::mm" in table  # the recorded training steps, op by op
+
+
+def test_tags_and_task_name_reach_every_logger(tmp_path):
+    from mgqa.lit.loggers import wandb_logger  # noqa: PLC0415
+
+    cfg = compose("debug=fast", "logger=tensorboard", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+                  "sample.max_new_tokens=0", "tags=[gqa,baseline]", f"run_dir={tmp_path}")
+    train(cfg)
+    for hparams in (tmp_path / "hparams.yaml", tmp_path / "tensorboard" / "hparams.yaml"):  # CSV, TensorBoard
+        text = hparams.read_text()
+        assert "task_name: train" in text and "- gqa\n- baseline" in text, text
+    wandb_cfg = compose("logger=wandb", "tags=[gqa]", f"run_dir={tmp_path}").logger.wandb
+    assert (list(wandb_cfg.tags), wandb_cfg.job_type) == (["gqa"], "train")
+    logger = wandb_logger(str(tmp_path), tags=wandb_cfg.tags, job_type=wandb_cfg.job_type, mode="disabled")
+    assert (logger._wandb_init["tags"], logger._wandb_init["job_type"]) == (["gqa"], "train")
