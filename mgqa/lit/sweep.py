@@ -12,8 +12,10 @@ reported and, unless ``fail_fast``, the sweep goes on.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import os
 import re
 import shlex
 import statistics
@@ -24,6 +26,7 @@ from typing import Any, Iterable, Optional
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 log = logging.getLogger("mgqa")
@@ -296,15 +299,13 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.hydra_cfg is None or job_return.hydra_cfg.hydra.mode != RunMode.MULTIRUN:
             return  # a single run (also each extra DDP rank of a sweep job) has nothing to summarise
+        if rank_zero_only.rank != 0:
+            return  # under SLURM every rank of a DDP job ends the job; rank 0 reports it
         row = job_row(config, job_return)
-        self.rows.append(row)
         sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        with open(sweep_dir / "summary.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        plot_sweep(self.rows, sweep_dir / "summary.png", self.sweep_keys)
+        self.rows = record_row(sweep_dir, row)
+        _atomic_write(sweep_dir / "summary.csv", lambda tmp: _write_csv(self.rows, tmp))
+        _atomic_write(sweep_dir / "summary.png", lambda tmp: plot_sweep(self.rows, tmp, self.sweep_keys))
         if row["status"] != "ok":
             log.error("sweep job %s (%s) %s", row["job"], row["overrides"], row["status"])
             if self.fail_fast:
@@ -314,10 +315,52 @@ class SweepSummary(Callback):
             log.info("sweep job %s (%s) done: val/loss %s", row["job"], row["overrides"], loss)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.rows = recorded_rows(sweep_dir)  # jobs may have run in other processes (submitit launchers)
         if not self.rows:
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
         failed = sum(r["status"] != "ok" for r in self.rows)
         print(f"sweep summary ({len(self.rows)} jobs, {failed} failed):")
         print(format_table(self.rows, self.sweep_keys))
         print(f"summary: {sweep_dir / 'summary.csv'}, plot: {sweep_dir / 'summary.png'}")
+
+
+# Each job's row is a file of its own in the sweep directory, so that jobs running in other processes or on
+# other machines (hydra-submitit-launcher) add to one summary, and a resumed sweep replaces its jobs' rows.
+ROWS_DIR = ".summary"
+
+
+def record_row(sweep_dir: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Store ``row`` as ``<sweep_dir>/.summary/job<N>.json``; return every job's row, by job number."""
+    rows_dir = sweep_dir / ROWS_DIR
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(rows_dir / f"job{row['job']}.json", lambda tmp: tmp.write_text(json.dumps(row)))
+    return recorded_rows(sweep_dir)
+
+
+def recorded_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in (sweep_dir / ROWS_DIR).glob("job*.json"):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # another job is replacing it right now; its own redraw includes it
+    return sorted(rows, key=lambda r: int(r["job"]))
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader (or a job running at the same time) never sees half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        if tmp.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
