@@ -1,4 +1,5 @@
-"""The sweep summary a user reads: labels from the overrides that vary, the two-panel plot, resuming."""
+"""The sweep summary a user reads: labels from the overrides that vary, the two-panel plot, resuming; the
+sweep runs from another directory, so it also shows that paths don't depend on the launch directory."""
 
 import random
 import shlex
@@ -14,19 +15,28 @@ from tests.conftest import ROOT
 # The issue's sweep, on the debug=fast model with 8 heads so that kv_heads=1,2,8 all divide it.
 SWEEP = ("-m", "model.kv_heads=1,2,8", "trainer.max_steps=4", "trainer.val_check_interval=2")
 TINY = ("debug=fast", "model.heads=8", "trainer.enable_progress_bar=false", "sample.max_new_tokens=0")
+# What the console must not show (fixed in mgqa/lit/console.py, mgqa/lit/summary.py, mgqa/lit/callbacks.py).
+NOISE = ("Tip:", "litlogger", "deprecated", "Total FLOPs", "weights_only", "Warning", "Traceback")
 
 
-def run(args, cwd=ROOT):
+def run(args, cwd):
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=280)
     return proc, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_kv_heads_sweep_is_labelled_by_what_varies_and_resumes(tmp_path):
-    proc, out = run([sys.executable, "train.py", *SWEEP, *TINY, f"output_root={tmp_path}"])
+def test_kv_heads_sweep_from_another_directory_is_labelled_by_what_varies_and_resumes(tmp_path):
+    elsewhere, outputs = tmp_path / "elsewhere", tmp_path / "outputs"
+    elsewhere.mkdir()
+    proc, out = run([sys.executable, str(ROOT / "train.py"), *SWEEP, *TINY, f"paths.output_dir={outputs}"], elsewhere)
     assert proc.returncode == 0, out[-3000:]
-    (sweep_dir,) = (tmp_path / "multirun").iterdir()
+    # The data was found from elsewhere; everything went under the configured output root (debug runs: debug/).
+    assert list(elsewhere.iterdir()) == []
+    (sweep_dir,) = (outputs / "debug" / "multirun").iterdir()
+    assert all((job / "checkpoints" / "last.ckpt").is_file() for job in sweep_dir.iterdir() if job.name[0].isdigit())
+    for noise in NOISE:
+        assert noise not in out, f"{noise!r} on the console:\n{out[-3000:]}"
     rows = read_summary(sweep_dir / "summary.csv")
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert job_labels(rows, ["model.kv_heads"]) == ["kv_heads=1", "kv_heads=2", "kv_heads=8"]
@@ -44,10 +54,10 @@ def test_kv_heads_sweep_is_labelled_by_what_varies_and_resumes(tmp_path):
     # The sweep printed how to resume it: the same command, pinned to its directory, with ckpt_path=last.
     resume = next(line.strip() for line in out.splitlines() if line.strip().startswith("python "))
     assert f"hydra.sweep.dir={sweep_dir}" in resume and resume.endswith("ckpt_path=last")
-    proc, out = run([sys.executable, *shlex.split(resume)[1:]])
+    proc, out = run([sys.executable, *shlex.split(resume)[1:]], elsewhere)
     assert proc.returncode == 0, out[-3000:]
     assert out.count("resuming from") == 3 and "(step 4)" in out  # every job continued from its last.ckpt
-    assert list((tmp_path / "multirun").iterdir()) == [sweep_dir]
+    assert list((outputs / "debug" / "multirun").iterdir()) == [sweep_dir]
     assert [r["status"] for r in read_summary(sweep_dir / "summary.csv")] == ["ok"] * 3
 
 
