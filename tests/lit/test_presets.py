@@ -68,7 +68,7 @@ def test_debug_limit_runs_short_epochs(tmp_path):
 
 
 def test_debug_profile_writes_a_trace_to_the_run_directory(tmp_path):
-    train(compose("debug=profile", *TINY_MODEL, "trainer.max_steps=6", "trainer.val_check_interval=6",
+    train(compose("debug=profile", *TINY_MODEL, "trainer.max_steps=5", "trainer.val_check_interval=5",
                   f"run_dir={tmp_path}"))
     traces = sorted(p.name for p in (tmp_path / "profile").glob("*.pt.trace.json"))
     assert any("training_step" in name for name in traces), traces
