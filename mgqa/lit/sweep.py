@@ -293,8 +293,11 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.rows = []
         self.sweep_keys = sweep_keys_of(config)
-        log.info("sweep directory: %s; if the sweep is interrupted, resume it with:\n  %s",
-                 Path(config.hydra.sweep.dir).resolve(), resume_command(config))
+        # Hydra's basic sweeper runs the same jobs again; a search (Optuna) samples new ones and resumes
+        # through its own storage instead.
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            log.info("sweep directory: %s; if the sweep is interrupted, resume it with:\n  %s",
+                     Path(config.hydra.sweep.dir).resolve(), resume_command(config))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.hydra_cfg is None or job_return.hydra_cfg.hydra.mode != RunMode.MULTIRUN:
