@@ -328,22 +328,22 @@ class SweepSummary(Callback):
         print(f"summary: {sweep_dir / 'summary.csv'}, plot: {sweep_dir / 'summary.png'}")
 
 
-# Each job's row is a file of its own in the sweep directory, so that jobs running in other processes or on
-# other machines (hydra-submitit-launcher) add to one summary, and a resumed sweep replaces its jobs' rows.
-ROWS_DIR = ".summary"
+# Each job keeps its row in its own directory, so that jobs running in other processes or on other machines
+# (hydra-submitit-launcher) add to one summary, and a resumed sweep replaces its jobs' rows.
+ROW_FILE = "summary_row.json"
 
 
 def record_row(sweep_dir: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Store ``row`` as ``<sweep_dir>/.summary/job<N>.json``; return every job's row, by job number."""
-    rows_dir = sweep_dir / ROWS_DIR
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(rows_dir / f"job{row['job']}.json", lambda tmp: tmp.write_text(json.dumps(row)))
+    """Store ``row`` in its job's directory; return the rows of every job of the sweep, by job number."""
+    job_dir = Path(row["run_dir"])
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(job_dir / ROW_FILE, lambda tmp: tmp.write_text(json.dumps(row)))
     return recorded_rows(sweep_dir)
 
 
 def recorded_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for path in (sweep_dir / ROWS_DIR).glob("job*.json"):
+    for path in sweep_dir.glob(f"*/{ROW_FILE}"):
         try:
             rows.append(json.loads(path.read_text()))
         except (OSError, ValueError):
