@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
+from mgqa.lit.console import quiet_console
 from mgqa.lit.launch import job_scope
 from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.run import train
@@ -24,6 +25,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_console()
     try:
         with job_scope():  # each job of a `-m` sweep starts clean: no process group, env or wandb run left over
             return objective(cfg, train(cfg))

@@ -138,4 +138,7 @@ def build_tokenizer(name: str, eot_token: Optional[str] = None) -> ByteTokenizer
         raise ValueError(f"data.tokenizer must be 'byte', a tokenizer file/directory or a hub name, got {name!r}")
     if name == "byte":
         return ByteTokenizer()
-    return HFTokenizer(_load_hf(name), name=name, eot_token=eot_token)
+    # A local file or directory is named by its file name, so that a checkpoint stays compatible with the
+    # same tokenizer found at another path (another clone, another launch directory).
+    label = Path(name).name if Path(name).exists() else name
+    return HFTokenizer(_load_hf(name), name=label, eot_token=eot_token)

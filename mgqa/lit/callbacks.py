@@ -155,7 +155,8 @@ class SignalCheckpoint(L.Callback):
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
         if not final and not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        trainer.save_checkpoint(self.path)
+        # A full checkpoint (optimizer, loops, callbacks) to resume from; saying so spares a log line per save.
+        trainer.save_checkpoint(self.path, weights_only=False)
         # Stopping runs the epoch-end hooks; a step checkpoint written there would look like an
         # end-of-epoch state and resume at the next epoch. Mark this step as saved for the callbacks
         # that save on training steps or time; those that save on validation (the best by val/loss)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from mgqa.model.config import ModelConfig
 
@@ -13,3 +16,17 @@ def register_configs() -> None:
     fail at composition. A top-level entry, not one of the ``model`` group, so that it is not a choosable
     preset (``model=schema``)."""
     ConfigStore.instance().store(name="model_schema", node=ModelConfig)
+    # `${mgqa.repo_root:}` in conf/paths/default.yaml: paths that don't depend on the launch directory.
+    OmegaConf.register_new_resolver("mgqa.repo_root", repo_root, replace=True)
+
+
+def repo_root() -> str:
+    """The repository: the directory above the app's primary conf/ (as Hydra found it next to train.py),
+    else the one above the mgqa package (a source checkout)."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.config_sources:
+            if source.provider == "main" and source.schema == "file":
+                return str(Path(source.path).resolve().parent)
+    return str(Path(__file__).resolve().parents[2])

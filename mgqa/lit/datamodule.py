@@ -32,7 +32,8 @@ class TextDataModule(L.LightningDataModule):
     int64. The training loader is a ``StatefulDataLoader``: Lightning stores its position in
     checkpoints, and a resumed run continues with the next batch of the interrupted epoch.
     ``batches_per_epoch``: null counts the corpus once at set-up so that an epoch covers it exactly;
-    an integer skips the count (large or hub corpora). See ``mgqa.data.stream``.
+    an integer skips the count (large or hub corpora). See ``mgqa.data.stream``. ``sample_prompt``: a
+    text typical of the corpus, where the end-of-run sample starts (``sample.prompt`` reads it).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class TextDataModule(L.LightningDataModule):
         batches_per_epoch: Optional[int] = None,
         val_batches: int = 16,
         seed: int = 0,
+        sample_prompt: str = "\n",
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_batches", val_batches)):
@@ -74,6 +76,7 @@ class TextDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.val_batches = val_batches
         self.seed = seed
+        self.sample_prompt = sample_prompt
         self.train_set: Optional[PackedStream] = None
         self.val_set: Optional[PackedStream] = None
         # Each reader takes its own share (mgqa.data.stream), so the length is exact with any number of
@@ -98,8 +101,9 @@ class TextDataModule(L.LightningDataModule):
         name = self.hub.get("split", "train") if split == "train" else self.hub["val_split"]
         return DocumentSource(hub_path=self.hub["path"], hub_name=self.hub.get("name"), split=name, text_field=self.text_field)
 
-    def build_datasets(self, rank: int = 0, world_size: int = 1) -> None:
-        """Open the sources, count (unless ``batches_per_epoch`` is set) and build both splits for one rank."""
+    def build_datasets(self, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        """Open the sources, count (unless ``batches_per_epoch`` is set) and build both splits for one rank.
+        ``shuffle=False``: the training windows in the same order every epoch."""
         common = dict(
             tokenizer=self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed,
             rank=rank, world_size=world_size, num_workers=self.num_workers,
@@ -124,7 +128,7 @@ class TextDataModule(L.LightningDataModule):
             val_batches = None
         self.train_set = PackedStream(
             train_source, keep=keep_train, counts=train_counts, batches_per_epoch=self.batches_per_epoch,
-            shuffle=True, shuffle_buffer=self.shuffle_buffer, split_name="training", **common,
+            shuffle=shuffle, shuffle_buffer=self.shuffle_buffer, split_name="training", **common,
         )  # fmt: skip
         self.val_set = PackedStream(
             val_source, keep=keep_val, counts=val_counts, batches_per_epoch=val_batches,
@@ -136,7 +140,9 @@ class TextDataModule(L.LightningDataModule):
             return
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.build_datasets(rank, world)
+        # trainer.overfit_batches (debug=overfit) means the same batches every epoch: no shuffling.
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        self.build_datasets(rank, world, shuffle=not overfit)
 
     def train_dataloader(self) -> StatefulDataLoader:
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API on construction

@@ -7,7 +7,8 @@
   can be uploaded later with ``wandb sync``); online start-up gives up after ``init_timeout_s``;
 - the run id stored in ``<run_dir>/wandb_id.txt``, so a resumed run (same run directory, or a checkpoint
   from another run directory) continues the same wandb run;
-- the run name (the run directory's name) and, inside a ``-m`` sweep, a group shared by the sweep's jobs.
+- the run name (the run directory's name) and, inside a ``-m`` sweep, a group shared by the sweep's jobs;
+- the run's ``tags`` and its ``task_name`` as the wandb job type.
 
 Only global rank 0 creates a wandb run (Lightning's ``rank_zero_experiment``); ``mgqa.lit.launch.job_scope``
 finishes it after each job of a sweep.
@@ -91,6 +92,7 @@ def wandb_logger(
     ckpt_path: Optional[str] = None,
     init_timeout_s: float = 60.0,
     log_model: bool = False,
+    job_type: Optional[str] = None,
 ) -> WandbLogger:
     """Lightning's ``WandbLogger`` for the run in ``run_dir`` (see the module docstring)."""
     import wandb  # noqa: PLC0415
@@ -109,12 +111,16 @@ def wandb_logger(
         mode=mode,
         log_model=log_model and mode == "online",
         settings=wandb.Settings(init_timeout=init_timeout_s, console="off"),
+        job_type=job_type,
     )
 
 
 def log_config(loggers: Iterable[Logger], cfg: DictConfig) -> None:
-    """Send the resolved Hydra config to the wandb run(s) (other loggers keep it in config.yaml)."""
+    """Give every logger the run's ``task_name`` and ``tags`` (CSV and TensorBoard: their hparams.yaml) and
+    send the resolved Hydra config to the wandb run(s) (other loggers keep it in config.yaml)."""
+    labels = {"task_name": cfg.get("task_name"), "tags": list(cfg.get("tags") or [])}
     for logger in loggers:
+        logger.log_hyperparams(labels)
         if isinstance(logger, WandbLogger):
             logger.experiment.config.update(
                 {"config": OmegaConf.to_container(cfg, resolve=True)}, allow_val_change=True

@@ -71,7 +71,7 @@ def final_report(model: Any, tokenizer: Any, run_dir: Path, val_loss: Optional[f
         text = generate_sample(
             model,
             tokenizer,
-            sample_cfg.get("prompt", "\n"),
+            sample_cfg.get("prompt") or "\n",
             sample_cfg.max_new_tokens,
             sample_cfg.get("temperature", 0.8),
             sample_cfg.get("top_k"),

@@ -124,8 +124,9 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     trainer_cfg.pop("_target_", None)
     _check_fsdp_device(cfg.trainer)
-    if isinstance(trainer_cfg.get("strategy"), dict):  # a strategy object, e.g. conf/trainer/ddp.yaml
-        trainer_cfg["strategy"] = instantiate(cfg.trainer.strategy)
+    for key in ("strategy", "profiler"):  # objects, e.g. conf/trainer/ddp.yaml, conf/debug/profile.yaml
+        if isinstance(trainer_cfg.get(key), dict):
+            trainer_cfg[key] = instantiate(cfg.trainer[key])
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
