@@ -20,9 +20,11 @@ from mgqa.lit.callbacks import FinalValidation, SignalCheckpoint
 from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
+from mgqa.lit.init import apply_init
 from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
+from mgqa.lit.trained import TokenizerInCheckpoint
 from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
@@ -94,7 +96,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks.append(FinalValidation())
+    callbacks += [FinalValidation(), TokenizerInCheckpoint()]
     loggers = _instantiate_group(cfg.get("logger")) or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
@@ -150,6 +152,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     Stopped by a signal, it saves ``last.ckpt`` and returns None without the final report.
     """
     run_dir = Path(cfg.run_dir)
+    init = apply_init(cfg)  # init.from: the source's architecture into cfg.model, its weights loaded below
     model_cfg = resolve_model_config(cfg)
     ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +163,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
+    if init is not None and ckpt_path is None:
+        init.load_into(module.model)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log_config(trainer.loggers, cfg)

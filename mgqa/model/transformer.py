@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -117,6 +117,68 @@ class MGQATransformer(nn.Module):
             cache.advance(n)
         return self.to_logits(x)  # (B, N, V)
 
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None) -> "MGQATransformer":
+        """A local Hugging Face Llama-family directory (config.json + safetensors, sharded or not).
+
+        ``max_seq_len`` caps the checkpoint's ``max_position_embeddings`` (the KV cache is sized by it).
+        See ``mgqa.convert.hf_import``.
+        """
+        from mgqa.convert.hf_import import load_hf_model  # noqa: PLC0415 (reads safetensors only when asked)
+
+        return load_hf_model(path, dtype=dtype, max_seq_len=max_seq_len)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        *,
+        eos_token: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens (B,) after ``prompt`` (B, N), at most ``max_new_tokens`` steps.
+
+        ``temperature=0`` is greedy. With ``use_cache`` each step feeds one token through a KV cache;
+        once the context reaches ``max_seq_len`` a window slides over the last ``max_seq_len`` tokens.
+        After ``eos_token`` a sequence keeps emitting ``eos_token``; the stream ends when all have.
+        """
+        if prompt.dim() == 1:
+            prompt = prompt.unsqueeze(0)
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            max_len = self.config.max_seq_len
+            seq = prompt[:, -max_len:]
+            cache = self.new_cache(seq.shape[0]) if use_cache else None
+            logits = self(seq, cache=cache)[:, -1]  # (B, V)
+            finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+            for step in range(max_new_tokens):
+                token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                if eos_token is not None:
+                    token = torch.where(finished, torch.full_like(token, eos_token), token)
+                    finished |= token == eos_token
+                yield token  # (B,)
+                if step == max_new_tokens - 1 or (eos_token is not None and bool(finished.all())):
+                    return
+                seq = torch.cat((seq, token[:, None]), dim=1)[:, -max_len:]
+                if cache is not None and cache.length < max_len:
+                    logits = self(token[:, None], cache=cache)[:, -1]
+                else:
+                    logits = self(seq)[:, -1]  # uncached, or the window slid past the cache
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def generate(
         self,
@@ -132,38 +194,16 @@ class MGQATransformer(nn.Module):
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``prompt`` (B, N); returns them, (B, max_new_tokens).
 
-        ``temperature=0`` is greedy. With ``use_cache`` each step feeds one token through a KV cache;
-        once the context reaches ``max_seq_len`` both paths slide a window over the last
-        ``max_seq_len`` tokens. After ``eos_token``, a sequence keeps emitting ``eos_token``.
+        Collects ``generate_stream``; a sequence that ended at ``eos_token`` is padded with it.
         """
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
-        if prompt.shape[1] == 0:
-            raise ValueError("prompt must hold at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        was_training = self.training
-        self.eval()
-        max_len = self.config.max_seq_len
-        seq = prompt[:, -max_len:]
-        cache = self.new_cache(seq.shape[0]) if use_cache else None
-        logits = self(seq, cache=cache)[:, -1]  # (B, V)
-        out = []
-        finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_token is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token), token)
-                finished |= token == eos_token
-            out.append(token)
-            if step == max_new_tokens - 1 or (eos_token is not None and bool(finished.all())):
-                break
-            seq = torch.cat((seq, token[:, None]), dim=1)[:, -max_len:]
-            if cache is not None and cache.length < max_len:
-                logits = self(token[:, None], cache=cache)[:, -1]
-            else:
-                logits = self(seq)[:, -1]  # uncached, or the window slid past the cache
-        self.train(was_training)
+        out = list(
+            self.generate_stream(
+                prompt, max_new_tokens, temperature, top_k, top_p,
+                eos_token=eos_token, generator=generator, use_cache=use_cache,
+            )
+        )  # fmt: skip
         if not out:
             return prompt.new_empty((prompt.shape[0], 0))
         tokens = torch.stack(out, dim=1)  # (B, steps)
