@@ -61,8 +61,9 @@ def evaluate_batches(
     }
 
 
-def evaluate(cfg: DictConfig, stdout: TextIO = sys.stdout) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, stdout: Optional[TextIO] = None) -> dict[str, Any]:
     """Load the checkpoint, build ``cfg.data``'s ``split`` with the checkpoint's tokenizer, print and save the metrics."""
+    stdout = stdout or sys.stdout
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is unknown; choose one of {SPLITS}")
     if cfg.max_batches is not None and (not isinstance(cfg.max_batches, int) or cfg.max_batches < 1):

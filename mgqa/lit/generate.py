@@ -44,8 +44,9 @@ def check_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
 
 
-def generate(cfg: DictConfig, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> list[dict[str, Any]]:
+def generate(cfg: DictConfig, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> list[dict[str, Any]]:
     """Print each completion (one prompt: token by token as it is sampled); return them as records."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     check_sampling(cfg)
     prompts = read_prompts(cfg)
     trained = load_trained(cfg.get("ckpt_path"), cfg.get("run_name"), cfg.output_root, cfg.device, cfg.get("attn_backend"))
