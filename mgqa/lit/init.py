@@ -26,7 +26,9 @@ from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 log = logging.getLogger("mgqa")
 
 # Options of the run's own model config that the source does not decide: they change training, not weights.
+# With rotary positions the context length is one too (no weight depends on it).
 RUN_OPTIONS = ("dropout", "attn_backend")
+ROTARY_RUN_OPTIONS = ("max_seq_len",)
 
 
 @dataclass
@@ -78,10 +80,12 @@ def apply_init(cfg: DictConfig) -> Optional[InitSource]:
     kv_heads = init.get("kv_heads") or config.kv_heads
     generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     state, config = convert_kv_heads(state, config, int(kv_heads), str(init.get("method", "mean")), generator)
+    keep = RUN_OPTIONS + (ROTARY_RUN_OPTIONS if config.pos_emb == "rotary" else ())
     with open_dict(cfg):
         for key, value in config.to_dict().items():
-            if key not in RUN_OPTIONS:
+            if key not in keep:
                 cfg.model[key] = value
+    config = ModelConfig.from_dict({**config.to_dict(), **{k: cfg.model[k] for k in keep}})
     _check_tokenizer(cfg, source, tokenizer, config)
     if init.get("alpha") is not None:
         _set_uptrain_steps(cfg, init, steps, hparams)
