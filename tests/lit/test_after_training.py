@@ -119,6 +119,13 @@ def test_export_cli_writes_a_llama_directory(trained_run, tmp_path):
         assert (hf(tokens).logits - ours.model(tokens)).abs().max() <= 1e-4
     text = "KING. Now is the winter"
     assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ours.tokenizer.encode(text)
+    # ... and comes back through train.py's init.from, with the exported tokenizer as the run's.
+    cfg = compose(*TINY, f"init.from={out}", f"data.tokenizer={out}", "init.kv_heads=1", "init.method=first")
+    source = apply_init(cfg)
+    assert (cfg.model.kv_heads, cfg.model.dim, cfg.model.num_tokens) == (1, 64, 2048)
+    model = type(ours.model).from_config(source.config)
+    source.load_into(model)
+    torch.testing.assert_close(model.token_emb.weight, ours.model.token_emb.weight)
 
 
 def test_uptrain_from_a_checkpoint_with_fewer_kv_heads(trained_run, tmp_path):
@@ -137,3 +144,14 @@ def test_uptrain_from_a_checkpoint_with_fewer_kv_heads(trained_run, tmp_path):
         apply_init(compose(*TINY, BPE, f"init.from={source}", "init.kv_heads=3"))
     with pytest.raises(ConfigError, match="this run uses 'byte'; set data.tokenizer=data/tokenizers"):
         apply_init(compose(*TINY, f"init.from={source}"))
+
+
+@pytest.mark.gpu
+def test_a_cpu_trained_checkpoint_generates_on_the_gpu(trained_run):
+    loaded = load_trained(str(trained_run / "run"), device="cuda")
+    assert next(loaded.model.parameters()).is_cuda
+    prompt = torch.tensor([loaded.tokenizer.encode("ROMEO.")], device="cuda")
+    cpu = load_trained(str(trained_run / "run"), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(prompt).cpu(), cpu.model(prompt.cpu()), rtol=1e-3, atol=1e-3)
+    assert loaded.model.generate(prompt, 8, temperature=0.0).shape == (1, 8)
