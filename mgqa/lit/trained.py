@@ -132,6 +132,7 @@ def load_trained(
 ) -> Trained:
     """Model and tokenizer from ``ckpt_path`` or ``run_name``'s best checkpoint, in eval mode on ``device``
     (``auto``: CUDA if available). ``attn_backend`` overrides the one the run trained with."""
+    target = resolve_device(device)  # a wrong device fails before a large file is read
     path = resolve_checkpoint(ckpt_path, run_name, output_root)
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -146,7 +147,7 @@ def load_trained(
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path}: weights do not match its model config ({str(err).splitlines()[0]})") from err
     return Trained(
-        model=model.to(resolve_device(device)).eval(),
+        model=model.to(target).eval(),
         tokenizer=tokenizer_from_checkpoint(checkpoint, path),
         path=path,
         step=int(checkpoint.get("global_step", 0)),
