@@ -108,7 +108,11 @@ def hf_tokenizer(tokenizer: Any) -> Any:
     The byte tokenizer becomes a byte-level BPE without merges whose token ``b`` is byte ``b``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (the `hf` extra)
+
+    try:
+        from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (the `hf` extra)
+    except ImportError as err:
+        raise ConfigError("exporting to Hugging Face needs transformers: pip install 'mgqa[hf]'") from err
 
     if tokenizer.name == "byte":
         vocab = {char: b for b, char in _bytes_to_unicode().items()}
@@ -137,8 +141,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def export_hf(model: Any, tokenizer: Any, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write ``model`` (an ``MGQATransformer``) and ``tokenizer`` as a Llama directory; returns it."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     cfg = model.config
     check_exportable(cfg)
     if dtype not in DTYPES:
@@ -146,6 +148,9 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | Path, dtype: str = "flo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={str(out)!r} is a file, not a directory")
+    hf_tok = hf_tokenizer(tokenizer)  # first: it needs transformers, and nothing is written without it
+    from safetensors.torch import save_file  # noqa: PLC0415 (installed with transformers)
+
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     tensors = {k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
@@ -154,5 +159,5 @@ def export_hf(model: Any, tokenizer: Any, out_dir: str | Path, dtype: str = "flo
     (out / "config.json").write_text(json.dumps(hf_config(cfg, eos, dtype), indent=2) + "\n")
     generation = {"bos_token_id": eos, "eos_token_id": eos, "max_length": cfg.max_seq_len}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    hf_tokenizer(tokenizer).save_pretrained(str(out))
+    hf_tok.save_pretrained(str(out))
     return out

@@ -90,7 +90,10 @@ def model_config_from_hf(hf: dict[str, Any], source: str, max_seq_len: Optional[
 
 def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors file, or of all shards its index lists."""
-    from safetensors.torch import load_file  # noqa: PLC0415
+    try:
+        from safetensors.torch import load_file  # noqa: PLC0415 (the `hf` extra)
+    except ImportError as err:
+        raise ConfigError("reading Hugging Face weights needs safetensors: pip install 'mgqa[hf]'") from err
 
     directory = Path(path)
     if (directory / INDEX_FILE).is_file():
