@@ -1,6 +1,6 @@
 """Compile mgqa's attention kernels for a GPU architecture on a machine without a GPU.
 
-    python -m mgqa.kernels.compile_check [--arch 90] [--ptx-dir DIR]
+    python -m mgqa.kernels.compile_check [--arch 90] [--ptx-dir DIR] [--only PREFIX]
 
 Triton's interpreter (how CI runs the kernels on CPU) accepts code the real compiler refuses, and
 says nothing about the instructions a kernel becomes. This compiles the forward, dQ and dK/dV
@@ -26,16 +26,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mgqa.kernels import attention_bwd, attention_fwd
+from mgqa.kernels import attention_bwd, attention_fwd, decode
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
-FP32_POINTERS = ("Lse", "Delta", "DQ_ACC")  # DQ_ACC: the atomic-dQ buffer (the Gluon kernel's is unused without DQ)
-INT32_POINTERS = ("Schedule", "Rounds")  # the persistent dK/dV kernel's tile lists
+FP32_POINTERS = ("Lse", "Delta", "DQ_ACC", "PartOut", "PartLse")  # DQ_ACC: the atomic-dQ buffer (the Gluon kernel's is unused without DQ)
+INT32_POINTERS = ("Schedule", "Rounds", "Lengths")  # the persistent dK/dV kernel's tile lists
 
 
 def _constexpr_defaults(fn) -> dict:
@@ -59,6 +60,15 @@ def _signature(jit_fn, constexprs: dict) -> dict[str, str]:
     return sig
 
 
+def _aligned_attrs(jit_fn, constexprs: dict) -> dict:
+    """Triton's launch-time specialisation for 16-divisible pointers and strides (what a real launch
+    on a contiguous cache with head_dim 128 gets); without it loads are not vectorised, so no
+    asynchronous copies and no software pipelining show in the PTX."""
+    names = list(inspect.signature(jit_fn.fn).parameters)
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+            if n not in constexprs and (n[0].isupper() or n.startswith("stride"))}
+
+
 def variants():
     """(name, jit function, constexprs, num_warps, num_stages) of every variant compiled."""
     for use_tma in (0, 1):
@@ -76,6 +86,22 @@ def variants():
             ]:
                 constexprs = {**_constexpr_defaults(fn.fn), **common, **extra, **cfg.kwargs}
                 yield f"{name} {tag}", fn, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    yield from decode_variants()
+
+
+def decode_variants():
+    """The decode kernel (GQA group of 4 and MQA's 32 heads, one query and eight, split and not) and
+    its combine, with the launch settings ``decode_attention`` picks for bf16."""
+    for group, n_q in ((4, 1), (32, 1), (4, 8)):
+        for one_split in (0, 1):
+            launch = decode.decode_launch(128, group * n_q, torch.bfloat16)
+            block_m = min(launch.pop("BLOCK_M"), decode.MAX_ROWS)
+            constexprs = {"GROUP": group, "N_Q": n_q, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": block_m,
+                          "CAUSAL": 1, "ONE_SPLIT": one_split, "INPUT_PRECISION": "tf32",
+                          "BLOCK_N": launch.pop("BLOCK_N")}
+            yield f"dec g={group} nq={n_q} split={1 - one_split}", decode._decode_split, constexprs, launch
+    yield "dec combine", decode._decode_combine, {"N_Q": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 64}, \
+        {"num_warps": 4}
 
 
 def ws_variants():
@@ -142,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--ptx-dir", type=Path, default=None, help="also write each variant's PTX here")
+    parser.add_argument("--only", default=None, help="compile only the variants whose name starts with this, e.g. dec")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run with TRITON_INTERPRET unset: the interpreter replaces the compiler")
@@ -152,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     builds = list(variants())
     if args.arch == 90:
         builds += list(ws_variants())
+    if args.only is not None:
+        builds = [b for b in builds if b[0].startswith(args.only)]
+        if not builds:
+            parser.error(f"--only {args.only!r} matches no variant")
     for name, fn, constexprs, options in builds:
         try:
             if name.split()[0].endswith("ws"):
@@ -159,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 source = GluonASTSource(fn, _signature(fn, constexprs), constexprs)
             else:
-                source = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+                attrs = _aligned_attrs(fn, constexprs) if name.startswith("dec") else None
+                source = ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs, attrs=attrs)
             kernel = triton.compile(source, target=target, options=options)
         except Exception as err:  # report every variant, then fail
             failed += 1
@@ -168,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         ptx = kernel.asm["ptx"]
         wgmma, tma = ptx.count("wgmma.mma_async"), ptx.count("cp.async.bulk.tensor")
         spills, serialised = _ptxas_report(ptx)
-        if args.arch >= 90 and wgmma == 0:
+        # Decode is bound by memory and its tiles hold at most 64 query rows: mma.sync (or no matrix
+        # instruction, for the combine) is what it should use.
+        if args.arch >= 90 and wgmma == 0 and not name.startswith("dec"):
             failed += 1
             name += " (no wgmma)"
         if name.split()[0].endswith("ws") and serialised == "yes":
             failed += 1
             name += " (serialised)"
-        if name.startswith(("fwdws", "fwdppws", "fwdpws", "fwdpfws", "dqws", "dqovws", "dqppws")) and spills not in ("0", "-"):
+        if name.startswith(("fwdws", "fwdppws", "fwdpws", "fwdpfws", "dqws", "dqovws", "dqppws", "dec")) \
+                and spills not in ("0", "-"):
             failed += 1
             name += " (spills)"
         print(f"{name:28s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")

@@ -1,4 +1,4 @@
-"""Callbacks: throughput, checkpoint-on-signal, random-state checkpointing."""
+"""Callbacks: throughput and MFU, checkpoint-on-signal, random-state checkpointing."""
 
 from __future__ import annotations
 
@@ -13,37 +13,103 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
-class TokenThroughput(L.Callback):
-    """Logs ``train/tokens_per_s``: tokens of the optimizer steps since the last log, over wall time.
+def _windows_in_batch(batch: Any) -> int:
+    return int(batch[0].shape[0])
 
-    Counts this process's tokens times the world size (every rank trains on the same batch shape).
+
+def _tokens_in_batch(batch: Any) -> int:
+    return int(batch[0].numel())
+
+
+class TrainingThroughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` for (inputs, targets) token batches, logging
+
+    - ``train/tokens_per_s``: tokens of all ranks per second;
+    - ``train/mfu``: model FLOPs utilisation per device, from ``LanguageModel.flops_per_batch`` and
+      the device's peak dense rate in the training precision (where Lightning knows the device);
+    - ``train/peak_memory_gib``: the most GPU memory allocated so far (CUDA only).
+
+    Rates cover the last ``window_size`` - 1 logging intervals (``trainer.log_every_n_steps``
+    steps each). The GPU is synchronised at logging steps only, not after every step as
+    Lightning's monitor does, so that the host keeps queueing work ahead of the GPU. The first
+    ``warmup_steps`` optimizer steps of a fit (compilation, autotuning) are left out, and their
+    time is logged once; validation time is left out too.
     """
 
-    def __init__(self) -> None:
-        self._last_time: float | None = None
-        self._tokens = 0
+    def __init__(self, window_size: int = 2, warmup_steps: int = 1) -> None:
+        if window_size < 2:
+            raise ValueError(f"window_size must be at least 2 logging steps, got {window_size}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)
+        self.warmup_steps = warmup_steps
+        self._steps = 0
+        self._fit_start: float | None = None
+        self._flops_since_update = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._last_time is None:
-            self._last_time = time.perf_counter()
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._steps, self._flops_since_update = 0, 0
+        self._fit_start = time.perf_counter()
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING:
+            return  # a training run reads training's throughput only
+        self._samples[stage] += _windows_in_batch(batch)
+        self._lengths[stage] += _tokens_in_batch(batch)
+        self._batches[stage] += 1
+        self._flops_since_update += int(getattr(pl_module, "flops_per_batch", None) or 0)
+        at_step_end = not trainer.fit_loop._should_accumulate()
+        warmup_over = at_step_end and self._steps + 1 == self.warmup_steps
+        if not (at_step_end and (trainer._logger_connector.should_update_logs or warmup_over)):
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)  # the time of work done, not queued
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._flops_since_update or None,
+        )
+        self._flops_since_update = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._tokens += batch[0].numel() * trainer.world_size
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._last_time is not None:
-            now = time.perf_counter()
-            elapsed = now - self._last_time
-            if elapsed > 0:
-                pl_module.log("train/tokens_per_s", self._tokens / elapsed)
-            self._last_time, self._tokens = now, 0
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.fit_loop._should_accumulate():
+            return
+        self._steps += 1
+        if self._steps == self.warmup_steps and trainer.is_global_zero:
+            seconds = time.perf_counter() - (self._fit_start or time.perf_counter())
+            rank_zero_info(
+                f"first {self.warmup_steps} step(s) took {seconds:.1f} s (compilation and warm-up; "
+                "left out of train/tokens_per_s)"
+            )
+            self._start(trainer)  # the windows begin after the warm-up
+            self._throughputs[RunningStage.TRAINING].update(time=0.0, batches=0, samples=0, lengths=0)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation time is not training throughput: restart the window.
-        self._last_time, self._tokens = None, 0
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING or self._steps < self.warmup_steps:
+            return
+        metrics = self._throughputs[stage].compute()
+        module = trainer.lightning_module
+        if "device/items_per_sec" in metrics:
+            tokens_per_s = metrics["device/items_per_sec"] * trainer.world_size
+            module.log("train/tokens_per_s", tokens_per_s, rank_zero_only=True)
+        if "device/mfu" in metrics:
+            module.log("train/mfu", metrics["device/mfu"], rank_zero_only=True)
+        if trainer.strategy.root_device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+            module.log("train/peak_memory_gib", peak, rank_zero_only=True)
 
 
 class SignalCheckpoint(L.Callback):

@@ -25,6 +25,8 @@ from mgqa.model.config import ConfigError
 log = logging.getLogger("mgqa")
 
 CHECKPOINT_SUFFIX = ".ckpt"
+# Model options that change how a run computes, not what the weights mean: free to differ on resume.
+RUN_TIME_OPTIONS = ("attn_backend", "activation_checkpointing")
 
 
 class CheckpointError(ConfigError):
@@ -126,7 +128,7 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], model: dict[str, An
     diffs = [
         f"model.{key}: checkpoint {stored_model.get(key)!r}, this run {model.get(key)!r}"
         for key in sorted(set(stored_model) | set(model))
-        if key != "attn_backend" and stored_model.get(key) != model.get(key)
+        if key not in RUN_TIME_OPTIONS and stored_model.get(key) != model.get(key)
     ]
     stored_tok = stored.get("tokenizer")
     if tokenizer is not None and stored_tok is not None and not same_tokenizer(stored_tok, tokenizer):

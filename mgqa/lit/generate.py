@@ -60,15 +60,9 @@ def generate(cfg: DictConfig, stdout: Optional[TextIO] = None, stderr: Optional[
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     eos = tokenizer.eot_id if cfg.stop_at_eot else None
     options = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eos_token=eos, generator=generator)
-    lengths = {len(ids) for ids in encoded}
-    if len(lengths) == 1:  # one batch: all prompts have the same length
-        batch = torch.tensor(encoded, dtype=torch.long, device=device)
-        completions = _sample(model, tokenizer, batch, cfg.max_new_tokens, options, stdout if len(prompts) == 1 else None, prompts[0])
-    else:  # prompts of different lengths: one at a time (no padding in the model)
-        completions = []
-        for ids in encoded:
-            batch = torch.tensor([ids], dtype=torch.long, device=device)
-            completions += _sample(model, tokenizer, batch, cfg.max_new_tokens, options, None, "")
+    # One batch; prompts of different lengths each decode from their own length (no padding).
+    batch = [torch.tensor(ids, dtype=torch.long, device=device) for ids in encoded]
+    completions = _sample(model, tokenizer, batch, cfg.max_new_tokens, options, stdout if len(prompts) == 1 else None, prompts[0])
     records = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     if len(prompts) > 1:
         for i, record in enumerate(records):
@@ -83,8 +77,8 @@ def generate(cfg: DictConfig, stdout: Optional[TextIO] = None, stderr: Optional[
     return records
 
 
-def _sample(model: Any, tokenizer: Any, batch: torch.Tensor, max_new_tokens: int, options: dict, stream: Optional[TextIO], prompt: str) -> list[str]:
-    """Completions of ``batch`` (B, N); with ``stream``, the text is written as it is sampled."""
+def _sample(model: Any, tokenizer: Any, batch: list[torch.Tensor], max_new_tokens: int, options: dict, stream: Optional[TextIO], prompt: str) -> list[str]:
+    """Completions of the prompts ``batch`` (1-d token tensors); with ``stream``, the text is written as it is sampled."""
     steps = []
     shown = ""
     if stream is not None:
@@ -100,7 +94,7 @@ def _sample(model: Any, tokenizer: Any, batch: torch.Tensor, max_new_tokens: int
                 stream.flush()
                 shown = text
     if not steps:
-        return [""] * batch.shape[0]
+        return [""] * len(batch)
     tokens = torch.stack(steps, dim=1).tolist()  # (B, steps)
     completions = [_decode(tokenizer, row, options["eos_token"]) for row in tokens]
     if stream is not None:

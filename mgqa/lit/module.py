@@ -8,13 +8,15 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics.aggregation import MeanMetric
 
-from mgqa.model import MGQATransformer, ModelConfig
+from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
+
+
+COMPILE_CHOICES = ("auto", True, False)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +30,10 @@ class LanguageModel(L.LightningModule):
     ``optimizer`` and ``scheduler`` configs with ``_target_`` and ``_partial_: true``. Both are
     plain data and are saved with checkpoints as hyperparameters.
 
+    ``compile``: ``"auto"`` (on for CUDA, off elsewhere), ``True`` or ``False``: each decoder block
+    is compiled with ``torch.compile`` in place (parameter names, and so checkpoints, unchanged).
+    The loss runs uncompiled in chunks of rows (``MGQATransformer.loss``).
+
     ``nonfinite_loss``: ``{"action": "stop" | "skip", "max_skips": N}``. On a NaN/Inf loss, ``stop``
     raises ``NonFiniteLossError`` naming the step (no checkpoint is written, so the last good one
     stays); ``skip`` drops the batch's update, at most N times in a run, then stops.
@@ -39,11 +45,17 @@ class LanguageModel(L.LightningModule):
         optim: dict[str, Any],
         tokenizer: Optional[dict[str, Any]] = None,
         nonfinite_loss: Optional[dict[str, Any]] = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if compile not in COMPILE_CHOICES:
+            raise ConfigError(f"compile must be auto, true or false, got {compile!r}")
+        self.compile_mode = compile
+        self.compiled = False
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
+        self.flops_per_batch: Optional[int] = None  # read by ThroughputMonitor for MFU
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
         if guard["action"] not in ("stop", "skip"):
@@ -54,12 +66,23 @@ class LanguageModel(L.LightningModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    def configure_model(self) -> None:
+        """Compile the blocks once (Lightning calls this before wrapping the model for DDP/FSDP)."""
+        if self.compiled:
+            return
+        on_cuda = self.trainer.strategy.root_device.type == "cuda"
+        if self.compile_mode is True or (self.compile_mode == "auto" and on_cuda):
+            self.model.compile_blocks()
+            self.compiled = True
+            log.info("torch.compile: %d decoder blocks (compiled on the first step)", len(self.model.attn_layers.blocks))
+
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch  # (B, N), (B, N)
-        logits = self.model(inputs)  # (B, N, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return self.model.loss(inputs, targets)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+        inputs = batch[0]  # (B, N)
+        self.flops_per_batch = inputs.numel() * self.model.training_flops_per_token(inputs.shape[1])
         loss = self._loss(batch)
         # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):

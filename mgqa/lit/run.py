@@ -85,7 +85,11 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     nonfinite = OmegaConf.to_container(cfg.nonfinite_loss, resolve=True) if cfg.get("nonfinite_loss") else None
     module = LanguageModel(
-        model=model_cfg.to_dict(), optim=optim, tokenizer=datamodule.tokenizer.state(), nonfinite_loss=nonfinite
+        model=model_cfg.to_dict(),
+        optim=optim,
+        tokenizer=datamodule.tokenizer.state(),
+        nonfinite_loss=nonfinite,
+        compile=cfg.get("compile", False),
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)

@@ -3,6 +3,16 @@
 from mgqa.model.attention import GroupedQueryAttention, KVCache
 from mgqa.model.config import ConfigError, ModelConfig
 from mgqa.model.decoder import Block, Decoder
+from mgqa.model.static_cache import StaticKVCache
 from mgqa.model.transformer import MGQATransformer
 
-__all__ = ["Block", "ConfigError", "Decoder", "GroupedQueryAttention", "KVCache", "MGQATransformer", "ModelConfig"]
+__all__ = [
+    "Block",
+    "ConfigError",
+    "Decoder",
+    "GroupedQueryAttention",
+    "KVCache",
+    "MGQATransformer",
+    "ModelConfig",
+    "StaticKVCache",
+]

@@ -9,6 +9,7 @@ from torch import nn
 
 from mgqa import ops
 from mgqa.model.layers import apply_rotary
+from mgqa.model.static_cache import StaticKVCache
 
 
 class KVCache:
@@ -84,9 +85,10 @@ class GroupedQueryAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        cache: Optional[KVCache] = None,
+        cache: Optional[KVCache | StaticKVCache] = None,
     ) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim). ``rope``: cos, sin (N, D) for these positions."""
+        """x: (B, N, dim) -> (B, N, dim). ``rope``: cos, sin (N, D) for these positions, or
+        (B, 1, N, D) when every sequence sits at its own positions (a ``StaticKVCache``)."""
         batch, n, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
@@ -96,15 +98,18 @@ class GroupedQueryAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, cached + N, D)
-        y = ops.attention(
-            q,
-            k,
-            v,
-            causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
-        )  # (B, H, N, D)
+        if isinstance(cache, StaticKVCache):
+            y = cache.attend(self.layer_index, q, k, v, backend=self.backend)  # (B, H, N, D)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, cached + N, D)
+            y = ops.attention(
+                q,
+                k,
+                v,
+                causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                backend=self.backend,
+            )  # (B, H, N, D)
         y = y.transpose(1, 2).reshape(batch, n, q_width)  # (B, N, H*D)
         return self.out_dropout(self.out(y))

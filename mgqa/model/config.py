@@ -45,6 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0  # on attention probabilities, block residual branches and embeddings
     attn_backend: str = "auto"  # auto | sdpa | reference | triton, see mgqa.ops.attention
+    # Recompute each block's activations in the backward pass instead of storing them: less
+    # memory, about a third more compute. A run-time choice, not part of the architecture.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:

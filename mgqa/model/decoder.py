@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mgqa.model.attention import GroupedQueryAttention, KVCache
 from mgqa.model.config import ConfigError, ModelConfig
@@ -30,8 +31,22 @@ class Block(nn.Module):
         )
         self.ff_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.bias)
         self.ff = FeedForward(cfg.dim, cfg.ff, cfg.ff_mult, cfg.bias, cfg.dropout)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            # Inside forward, so that a compiled block traces the checkpoint with the rest (as
+            # torchtitan applies it per block); non-reentrant, so it nests under any strategy.
+            # The RNG state is replayed, so dropout masks are the same in the recomputation.
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope, cache)
+
+    def _forward(
         self,
         x: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,

@@ -7,6 +7,16 @@ from typing import Optional
 import torch
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Raise ValueError naming a sampling setting that cannot work."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """logits: (B, V). Keep the ``top_k`` largest and the smallest set whose probability reaches
     ``top_p``; the rest become -inf."""
@@ -36,11 +46,16 @@ def sample_next(
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """logits: (B, V) -> tokens (B,). ``temperature == 0`` is greedy (argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """logits: (B, V) -> tokens (B,). ``temperature == 0`` is greedy (argmax).
+
+    A token is drawn as argmax(p / E) with E ~ Exp(1) per token, which picks token i with
+    probability p_i (the exponential race), like ``torch.multinomial`` but with no host
+    synchronisation, so the draw can sit inside a captured CUDA graph.
+    """
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / race).argmax(dim=-1)

@@ -9,11 +9,14 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from mgqa import ops
+
 from mgqa.model.attention import KVCache
 from mgqa.model.config import ConfigError, ModelConfig
 from mgqa.model.decoder import Decoder
+from mgqa.model.generation import Prompt, release_decode_step, stream_tokens
 from mgqa.model.layers import RotaryEmbedding
-from mgqa.model.sampling import sample_next
+from mgqa.model.static_cache import StaticKVCache
 
 
 class MGQATransformer(nn.Module):
@@ -76,15 +79,39 @@ class MGQATransformer(nn.Module):
                 total -= self.pos_emb.weight.numel()
         return total
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` each decoder block in place (parameter names unchanged).
+
+        Per block, as torchtitan does: the blocks share one graph, so compiling costs one block's
+        time whatever the depth, and per-block FSDP wrapping and activation checkpointing compose
+        with it. The embedding and the chunked loss stay uncompiled.
+        """
+        for block in self.attn_layers.blocks:
+            block.compile(**options)
+
+    def training_flops_per_token(self, seq_len: int) -> int:
+        """Matrix FLOPs of one trained token (forward and backward) at context ``seq_len``.
+
+        6 per non-embedding parameter, plus attention's 6 * depth * heads * head_dim * seq_len,
+        which is 12 * ... halved for the causal mask (the PaLM / nanoGPT MFU convention).
+        """
+        cfg = self.config
+        attention = 6 * cfg.depth * cfg.heads * cfg.resolved_head_dim * seq_len
+        return 6 * self.num_parameters(non_embedding=True) + attention
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes each generated position costs (all layers, K and V)."""
         cfg = self.config
         return 2 * cfg.depth * cfg.kv_heads * cfg.resolved_head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def _cache_dtype(self) -> torch.dtype:
+        ref = self.token_emb.weight
+        return torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+
     def new_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:
         cfg = self.config
         ref = self.token_emb.weight
-        dtype = torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+        dtype = self._cache_dtype()
         return KVCache(
             batch,
             cfg.depth,
@@ -95,27 +122,91 @@ class MGQATransformer(nn.Module):
             device=ref.device,
         )
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def new_static_cache(self, batch: int, capacity: Optional[int] = None) -> StaticKVCache:
+        """A cache allocated once with a length per sequence (fast, batched, graph-captured decoding)."""
+        cfg = self.config
+        capacity = capacity or cfg.max_seq_len
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} is longer than model.max_seq_len={cfg.max_seq_len}")
+        return StaticKVCache(batch, cfg.depth, cfg.kv_heads, capacity, cfg.resolved_head_dim,
+                             dtype=self._cache_dtype(), device=self.token_emb.weight.device)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache | StaticKVCache] = None) -> torch.Tensor:
         """tokens: (B, N) int64 -> logits (B, N, num_tokens). With ``cache``, the tokens continue
         the cached positions and the cache is extended by N."""
+        return self.to_logits(self.hidden_states(tokens, cache=cache))  # (B, N, V)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``tokens`` (B, N) against ``targets`` (B, N), float32.
+
+        Equal to ``F.cross_entropy(self(tokens).flatten(0, 1).float(), targets.flatten())``, computed
+        in chunks of rows so that the batch's full logits are never held (``mgqa.ops.cross_entropy``).
+        """
+        return ops.linear_cross_entropy(
+            self.hidden_states(tokens), self.to_logits.weight, targets, ignore_index=ignore_index
+        )
+
+    def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache | StaticKVCache] = None) -> torch.Tensor:
+        """tokens: (B, N) int64 -> the final norm's output (B, N, dim), before the LM head."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
-        n = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + n > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + n} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
-            )
-        positions = torch.arange(start, start + n, device=tokens.device)  # (N,)
+        batch, n = tokens.shape
+        if isinstance(cache, StaticKVCache):
+            # Each sequence continues at its own length; read on the device, never on the host.
+            positions = cache.positions(n)  # (B, N)
+        else:
+            start = cache.length if cache is not None else 0
+            if start + n > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + n} tokens is longer than model.max_seq_len={self.config.max_seq_len}"
+                )
+            positions = torch.arange(start, start + n, device=tokens.device)  # (N,)
         x = self.token_emb(tokens)  # (B, N, dim)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
-        rope = self.rotary(positions) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions.reshape(-1))  # (B*N or N, D)
+            rope = (cos.view(batch, 1, n, -1), sin.view(batch, 1, n, -1)) if positions.dim() == 2 else (cos, sin)
         x = self.attn_layers(x, rope=rope, cache=cache)  # (B, N, dim)
         if cache is not None:
             cache.advance(n)
-        return self.to_logits(x)  # (B, N, V)
+        return x
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        *,
+        eos_token: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        use_cache: bool = True,
+        cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens (B,) after ``prompt``, up to ``max_new_tokens`` steps.
+
+        ``prompt``: (B, N) or (N,) token ids, or a list of 1-d sequences of different lengths (each
+        sequence decodes from its own length; nothing is padded after the prompt). ``temperature=0``
+        is greedy; ``top_k`` / ``top_p`` filter before sampling. With ``use_cache`` the prompt fills
+        a KV cache allocated once and each step feeds one token; ``cuda_graph`` (default: on for a
+        CUDA model) captures that step, sampling included, in a CUDA graph and replays it. Once a
+        sequence reaches ``max_seq_len`` a window slides over its last ``max_seq_len`` tokens.
+        After ``eos_token`` a sequence keeps emitting ``eos_token``; the stream stops when all have.
+        ``compile_step`` runs the decode step through ``torch.compile`` first (fewer, fused kernels;
+        a one-off compile of tens of seconds for a large model).
+        """
+        return stream_tokens(self, prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
+                             generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                             compile_step=compile_step)
+
+    def release_decode_step(self) -> None:
+        """Free the captured decode step and KV cache kept since the last ``generate`` on CUDA."""
+        release_decode_step(self)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None) -> "MGQATransformer":
@@ -128,61 +219,9 @@ class MGQATransformer(nn.Module):
 
         return load_hf_model(path, dtype=dtype, max_seq_len=max_seq_len)
 
-    @torch.no_grad()
-    def generate_stream(
-        self,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        *,
-        eos_token: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        use_cache: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield each step's new tokens (B,) after ``prompt`` (B, N), at most ``max_new_tokens`` steps.
-
-        ``temperature=0`` is greedy. With ``use_cache`` each step feeds one token through a KV cache;
-        once the context reaches ``max_seq_len`` a window slides over the last ``max_seq_len`` tokens.
-        After ``eos_token`` a sequence keeps emitting ``eos_token``; the stream ends when all have.
-        """
-        if prompt.dim() == 1:
-            prompt = prompt.unsqueeze(0)
-        if prompt.shape[1] == 0:
-            raise ValueError("prompt must hold at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if max_new_tokens == 0:
-            return
-        was_training = self.training
-        self.eval()
-        try:
-            max_len = self.config.max_seq_len
-            seq = prompt[:, -max_len:]
-            cache = self.new_cache(seq.shape[0]) if use_cache else None
-            logits = self(seq, cache=cache)[:, -1]  # (B, V)
-            finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
-            for step in range(max_new_tokens):
-                token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                if eos_token is not None:
-                    token = torch.where(finished, torch.full_like(token, eos_token), token)
-                    finished |= token == eos_token
-                yield token  # (B,)
-                if step == max_new_tokens - 1 or (eos_token is not None and bool(finished.all())):
-                    return
-                seq = torch.cat((seq, token[:, None]), dim=1)[:, -max_len:]
-                if cache is not None and cache.length < max_len:
-                    logits = self(token[:, None], cache=cache)[:, -1]
-                else:
-                    logits = self(seq)[:, -1]  # uncached, or the window slid past the cache
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: Prompt,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
@@ -191,21 +230,19 @@ class MGQATransformer(nn.Module):
         use_cache: bool = True,
         eos_token: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        cuda_graph: Optional[bool] = None,
+        compile_step: bool = False,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``prompt`` (B, N); returns them, (B, max_new_tokens).
-
-        Collects ``generate_stream``; a sequence that ended at ``eos_token`` is padded with it.
-        """
-        if prompt.dim() == 1:
-            prompt = prompt.unsqueeze(0)
-        out = list(
-            self.generate_stream(
-                prompt, max_new_tokens, temperature, top_k, top_p,
-                eos_token=eos_token, generator=generator, use_cache=use_cache,
-            )
-        )  # fmt: skip
+        """``generate_stream``'s tokens collected: (B, max_new_tokens), padded with ``eos_token``
+        after an early stop."""
+        stream = self.generate_stream(prompt, max_new_tokens, temperature, top_k, top_p, eos_token=eos_token,
+                                      generator=generator, use_cache=use_cache, cuda_graph=cuda_graph,
+                                      compile_step=compile_step)
+        out = list(stream)
+        batch = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else \
+            1 if isinstance(prompt, torch.Tensor) else len(prompt)
         if not out:
-            return prompt.new_empty((prompt.shape[0], 0))
+            return torch.empty((batch, 0), dtype=torch.long, device=self.token_emb.weight.device)
         tokens = torch.stack(out, dim=1)  # (B, steps)
         if tokens.shape[1] < max_new_tokens and eos_token is not None:
             pad = tokens.new_full((tokens.shape[0], max_new_tokens - tokens.shape[1]), eos_token)

@@ -5,8 +5,18 @@
 - ``"reference"``: plain PyTorch math in float32, the test oracle;
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``;
 - ``"triton"``: mgqa's own Triton kernels (``mgqa.kernels``), CUDA only;
-- ``"auto"``: Triton on CUDA where the kernels support the inputs, SDPA otherwise. The choice is
-  logged once per distinct reason.
+- ``"auto"``: the faster of the two where both run, by measurement (``auto_choice``): SDPA where
+  it runs cuDNN's attention (Hopper and newer, fp16/bf16, head_dim <= 128), which trains a model
+  end to end faster than mgqa's kernels there; Triton on other CUDA GPUs where the kernels support
+  the inputs; SDPA otherwise. The choice is logged once per distinct reason. A decode step (1..8
+  queries after more cached keys, no gradient) goes to the decode kernel on CUDA.
+
+``linear_cross_entropy(hidden, weight, targets)`` is the language-model loss computed in chunks of
+rows, never holding the batch's full logits.
+
+``decode_attention(q, k_cache, v_cache, lengths, ...)`` is attention of a few new positions per
+sequence over a preallocated cache with per-sequence lengths; the same backends, where "triton" is
+the GQA-packed split-K decode kernel (``mgqa.kernels.decode``).
 """
 
 from __future__ import annotations
@@ -16,10 +26,22 @@ from typing import Callable, Optional
 
 import torch
 
-from mgqa.ops.reference import causal_mask, reference_attention
-from mgqa.ops.sdpa import sdpa_attention
+from mgqa.ops.cross_entropy import linear_cross_entropy
+from mgqa.ops.reference import cache_mask, causal_mask, reference_attention, reference_decode_attention
+from mgqa.ops.sdpa import sdpa_attention, sdpa_decode_attention
 
-__all__ = ["attention", "available_backends", "BackendUnavailable", "causal_mask", "reference_attention"]
+__all__ = [
+    "attention",
+    "auto_choice",
+    "available_backends",
+    "BackendUnavailable",
+    "cache_mask",
+    "causal_mask",
+    "decode_attention",
+    "linear_cross_entropy",
+    "reference_attention",
+    "reference_decode_attention",
+]
 
 BACKENDS = ("auto", "sdpa", "reference", "triton")
 log = logging.getLogger("mgqa.ops")
@@ -46,6 +68,26 @@ def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return module.unsupported_reason(q, k, v)
 
 
+def _decode_module():
+    """The Triton decode kernel module, or a string saying why it can't be used."""
+    try:
+        from mgqa.kernels import decode as decode_kernels  # noqa: PLC0415 (optional dependency)
+    except ImportError as err:
+        return f"mgqa's Triton decode kernel could not be imported ({err})"
+    return decode_kernels
+
+
+def _decode_unsupported_reason(q, k_cache, v_cache, lengths) -> Optional[str]:
+    module = _decode_module()
+    if isinstance(module, str):
+        return module
+    return module.unsupported_reason(q, k_cache, v_cache, lengths)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def available_backends() -> list[str]:
     """Backends that can run on this machine (``triton`` needs the kernels and a CUDA device)."""
     names = ["sdpa", "reference"]
@@ -54,7 +96,36 @@ def available_backends() -> list[str]:
     return names
 
 
+@torch.compiler.assume_constant_result
+def _cudnn_attention_ready(device_index: int) -> bool:
+    """SDPA dispatches to cuDNN's attention on this device: Hopper or newer, cuDNN SDPA enabled."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def auto_choice(
+    *, device_type: str, dropout_p: float, cudnn_ready: bool, dtype: torch.dtype, head_dim: int, triton_unsupported: Optional[str]
+) -> tuple[str, str]:
+    """The backend ``auto`` runs, and why: a pure function of the call's properties.
+
+    On Hopper, SDPA's cuDNN kernel trains a whole model faster than mgqa's Triton kernels
+    (``bench/train_throughput.py``: cuDNN's forward+backward leads at every measured shape), so
+    it runs wherever cuDNN takes the call. Elsewhere on CUDA the Triton kernels run where they
+    support the inputs; the rest goes to SDPA.
+    """
+    if device_type != "cuda":
+        return "sdpa", f"inputs on {device_type}"
+    if dropout_p > 0.0:
+        return "sdpa", "attention dropout is on"
+    if cudnn_ready and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
+        return "sdpa", "cuDNN attention through SDPA, faster than mgqa's kernels end to end on this GPU"
+    if triton_unsupported:
+        return "sdpa", triton_unsupported
+    return "triton", "CUDA inputs the kernels support"
+
+
 def _announce(choice: str, reason: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a log call would split the compiled graph; compiled calls go unannounced
     key = (choice, reason)
     if key not in _announced:
         _announced.add(key)
@@ -97,13 +168,22 @@ def attention(
     _check_shapes(q, k, v)
     fn: Callable[..., torch.Tensor]
     if backend == "auto":
-        if not q.is_cuda:
-            choice, reason = "sdpa", f"inputs on {q.device.type}"
-        elif dropout_p > 0.0:
-            choice, reason = "sdpa", "attention dropout is on"
-        else:
-            why_not = _triton_unsupported_reason(q, k, v)
-            choice, reason = ("sdpa", why_not) if why_not else ("triton", "CUDA inputs the kernels support")
+        on_cuda = q.is_cuda
+        if on_cuda and dropout_p == 0.0 and q.shape[2] <= 8 and k.shape[2] > q.shape[2] and not _needs_grad(q, k, v):
+            # A decode step after a cache: one K/V read per group beats the training kernels' query tiles.
+            lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)  # (B,)
+            if _decode_unsupported_reason(q, k, v, lengths) is None:
+                _announce("triton decode", "a decode step on CUDA")
+                return _decode_module().compiled_decode_attention(q, k, v, lengths, causal=causal, scale=scale)
+        device_index = q.device.index if q.device.index is not None or not on_cuda else torch.cuda.current_device()
+        choice, reason = auto_choice(
+            device_type=q.device.type,
+            dropout_p=dropout_p,
+            cudnn_ready=on_cuda and _cudnn_attention_ready(device_index),
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            triton_unsupported=_triton_unsupported_reason(q, k, v) if on_cuda and dropout_p == 0.0 else None,
+        )
         _announce(choice, reason)
         backend = choice
     if backend == "sdpa":
@@ -123,3 +203,52 @@ def attention(
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     return fn(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of the last Nq positions of each sequence over a preallocated KV cache.
+
+    q: (B, H, Nq, D); k_cache, v_cache: (B, Hkv, L, D) with H % Hkv == 0; lengths: (B,) integer
+    tensor on q's device, the valid positions of each sequence (Nq <= lengths[b] <= L), whose last
+    Nq are the queries. ``causal``: query i of sequence b sees positions up to lengths[b] - Nq + i.
+    ``auto`` takes the Triton decode kernel on CUDA where it supports the inputs (1..8 queries,
+    head_dim a multiple of 8 up to 256, no gradients needed), SDPA with a length mask otherwise;
+    nothing here synchronises with the device, so a decode step can be captured in a CUDA graph.
+    Returns (B, H, Nq, D) in q's dtype.
+    """
+    _check_shapes(q, k_cache, v_cache)
+    if tuple(lengths.shape) != (q.shape[0],) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"lengths must be an int32/int64 tensor of shape ({q.shape[0]},), got {lengths.dtype} {tuple(lengths.shape)}"
+        )
+    if backend == "auto":
+        if not q.is_cuda:
+            choice, reason = "sdpa", f"inputs on {q.device.type}"
+        elif _needs_grad(q, k_cache, v_cache):
+            choice, reason = "sdpa", "gradients are needed (the decode kernel is inference-only)"
+        else:
+            why_not = _decode_unsupported_reason(q, k_cache, v_cache, lengths)
+            choice, reason = ("sdpa", why_not) if why_not else ("triton", "CUDA inputs the decode kernel supports")
+        _announce(f"{choice} decode", reason)
+        backend = choice
+    if backend == "sdpa":
+        return sdpa_decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale)
+    if backend == "reference":
+        return reference_decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale)
+    if backend == "triton":
+        why_not = _decode_unsupported_reason(q, k_cache, v_cache, lengths)
+        if _needs_grad(q, k_cache, v_cache):
+            why_not = "gradients are needed and the decode kernel has no backward; use 'sdpa' or torch.no_grad()"
+        if why_not:
+            raise BackendUnavailable(f"backend='triton' cannot run this decode step: {why_not}")
+        return _decode_module().compiled_decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -53,3 +53,48 @@ def reference_attention(
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vf)  # (B, Hkv, G, Nq, D)
     return out.reshape(batch, heads, n_q, head_dim).to(q.dtype)
+
+
+def cache_mask(lengths: torch.Tensor, n_q: int, capacity: int, *, causal: bool) -> torch.Tensor:
+    """Boolean mask (B, 1, Nq, L), True where query i of sequence b may attend cache position j.
+
+    Sequence b holds ``lengths[b]`` valid positions; its Nq queries are the last Nq of them, so
+    with ``causal`` query i sees positions up to ``lengths[b] - Nq + i``, and otherwise all of them.
+    """
+    cols = torch.arange(capacity, device=lengths.device)  # (L,)
+    lengths = lengths.to(torch.long).clamp(max=capacity)[:, None, None, None]  # (B, 1, 1, 1)
+    if causal:
+        last = lengths - n_q + torch.arange(n_q, device=lengths.device)[:, None]  # (B, 1, Nq, 1)
+        return cols <= last
+    return (cols < lengths).expand(-1, 1, n_q, capacity)
+
+
+def reference_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    upcast: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Attention of the last Nq positions of each sequence over its first ``lengths[b]`` cache rows.
+
+    q: (B, H, Nq, D); k_cache, v_cache: (B, Hkv, L, D); lengths: (B,). The oracle of the decode
+    kernel, computed like ``reference_attention``. Returns q's dtype.
+    """
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if q.dtype == torch.float64:
+        upcast = torch.float64
+    qf = q.to(upcast).reshape(batch, kv_heads, group, n_q, head_dim)  # (B, Hkv, G, Nq, D)
+    kf = k_cache.to(upcast).unsqueeze(2)  # (B, Hkv, 1, L, D)
+    vf = v_cache.to(upcast).unsqueeze(2)  # (B, Hkv, 1, L, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, Nq, L)
+    mask = cache_mask(lengths, n_q, capacity, causal=causal).unsqueeze(1)  # (B, 1, 1, Nq, L)
+    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
+    out = torch.matmul(probs, vf)  # (B, Hkv, G, Nq, D)
+    return out.reshape(batch, heads, n_q, head_dim).to(q.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mgqa.ops.reference import causal_mask
+from mgqa.ops.reference import cache_mask, causal_mask
 
 
 def sdpa_attention(
@@ -40,4 +40,23 @@ def sdpa_attention(
         is_causal=is_causal,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def sdpa_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q: (B, H, Nq, D) against the first ``lengths[b]`` rows of k_cache, v_cache (B, Hkv, L, D).
+
+    The per-sequence lengths become a boolean mask over the whole cache.
+    """
+    mask = cache_mask(lengths, q.shape[2], k_cache.shape[2], causal=causal)  # (B, 1, Nq, L)
+    return F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
     )

@@ -68,3 +68,28 @@ def test_gluon_forward_experiment_compiles_with_overlapped_matmuls(tmp_path):
     for row in rows:
         assert "spill stores 0 B" in row, row
         assert ("'1'" in row) == row.startswith("overlap_"), row
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.timeout(300)
+def test_decode_kernel_compiles_for_sm90_pipelined_without_spills(tmp_path):
+    """The decode kernel's K/V loads become asynchronous copies (a software pipeline), its dots
+    tensor-core mma; three programs of a 16-row tile (GQA groups up to 16 rows) fit an SM's 228 KB
+    of shared memory, two of the larger tiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgqa.kernels.compile_check", "--only", "dec", "--ptx-dir", str(tmp_path / "ptx")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("dec")]
+    assert len(rows) == 7, proc.stdout
+    for path in (tmp_path / "ptx").glob("dec_g*.ptx"):
+        ptx = path.read_text()
+        assert "mma.sync" in ptx and "cp.async.cg" in ptx, path.name
+    for row in rows:
+        if row[1] == "g=4" and row[2] == "nq=1":
+            assert 0 < int(row[4]) + 1024 <= 228 * 1024 // 3, row
+        elif row[1] != "combine":
+            assert 0 < int(row[4]) + 1024 <= 228 * 1024 // 2, row

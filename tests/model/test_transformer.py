@@ -170,3 +170,42 @@ def test_too_long_input_and_bad_shapes_are_refused():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match=r"tokens must be \(batch, seq_len\)"):
         model(torch.zeros(17, dtype=torch.long))
+
+
+def test_loss_matches_cross_entropy_of_logits() -> None:
+    import torch.nn.functional as F
+
+    model = MGQATransformer.from_config(
+        ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, num_tokens=50, max_seq_len=16, tie_embeddings=True)
+    ).double()
+    tokens, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    loss = model.loss(tokens, targets)
+    ref = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    cfg = dict(dim=32, depth=2, heads=4, kv_heads=2, num_tokens=50, max_seq_len=16, dropout=0.1)
+    plain = MGQATransformer.from_config(ModelConfig(**cfg)).double()
+    ckpt = MGQATransformer.from_config(ModelConfig(**cfg, activation_checkpointing=True)).double()
+    ckpt.load_state_dict(plain.state_dict())
+    tokens, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    grads = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        torch.manual_seed(0)  # the same dropout masks; checkpointing replays the RNG in recomputation
+        model.loss(tokens, targets).backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for got, want in zip(grads["ckpt"], grads["plain"]):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # inference and cached decoding never checkpoint
+        torch.testing.assert_close(ckpt.eval()(tokens), plain.eval()(tokens))
+
+
+def test_training_flops_per_token_counts_matrices_and_attention() -> None:
+    model = MGQATransformer.from_config(ModelConfig(dim=64, depth=2, heads=4, kv_heads=2, num_tokens=100, max_seq_len=32))
+    expected = 6 * model.num_parameters(non_embedding=True) + 6 * 2 * 4 * 16 * 32
+    assert model.training_flops_per_token(32) == expected

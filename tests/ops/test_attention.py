@@ -87,3 +87,21 @@ def test_bad_shapes_are_refused(shapes, message):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=message):
         attention(q, k, v, causal=False, backend="sdpa")
+
+
+def _auto(**overrides):
+    from mgqa.ops import auto_choice
+
+    call = dict(device_type="cuda", dropout_p=0.0, cudnn_ready=False, dtype=torch.bfloat16, head_dim=128, triton_unsupported=None)
+    return auto_choice(**{**call, **overrides})
+
+
+def test_auto_takes_cudnn_where_sdpa_runs_it_and_triton_elsewhere_on_cuda():
+    assert _auto(cudnn_ready=True)[0] == "sdpa"
+    assert "cuDNN" in _auto(cudnn_ready=True)[1]
+    assert _auto(cudnn_ready=True, dtype=torch.float32)[0] == "triton"  # cuDNN attention is fp16/bf16 only
+    assert _auto(cudnn_ready=True, head_dim=256)[0] == "triton"
+    assert _auto()[0] == "triton"
+    assert _auto(triton_unsupported="head_dim 48 not in (...)") == ("sdpa", "head_dim 48 not in (...)")
+    assert _auto(dropout_p=0.1)[0] == "sdpa"
+    assert _auto(device_type="cpu") == ("sdpa", "inputs on cpu")

@@ -1,0 +1,390 @@
+"""Training throughput end to end: mgqa against Hugging Face Llama with the same weights, and train.py.
+
+    python bench/train_throughput.py                              # both shapes, every variant, raw loop
+    python bench/train_throughput.py --shapes 1b --train-py       # also the same shape through train.py
+    python bench/train_throughput.py --shapes 125m --impls mgqa_compiled_sdpa,hf_compiled --steps 10
+
+One process, one GPU. Every variant runs the same optimizer step on the same random tokens: bf16
+autocast over float32 weights (as Lightning's `bf16-mixed`), next-token cross-entropy, gradient
+clipping at 1.0, fused AdamW. Variants (`--impls`):
+
+- `mgqa_{eager,compiled}_{triton,sdpa}`: `MGQATransformer` with that attention backend, eager or with
+  its blocks compiled (`MGQATransformer.compile_blocks`, what `compile=true` does in train.py), loss
+  by the chunked `MGQATransformer.loss`;
+- `mgqa_compiled_sdpa_full_loss`: the compiled model with the batch's full float32 logits and
+  `F.cross_entropy` (what the chunked loss replaces);
+- `hf_eager`, `hf_compiled`: `transformers.LlamaForCausalLM` (`attn_implementation="sdpa"`) holding
+  the mgqa model's weights (q/k/v from the fused qkv rows, gate/up from `w_in`), whole model
+  compiled for the latter; its fp32 logits are checked against mgqa's first.
+
+MFU = tokens/s x (6 x non-embedding parameters + 6 x layers x heads x head_dim x seq) / the card's
+dense bf16 peak (Lightning's table: 989 TFLOP/s for an H100 SXM). `--train-py` also runs
+`python train.py` at each shape (Lightning, the real data path, compile on) with each of
+`--train-backends` and
+reads `train/tokens_per_s`, `train/mfu` and `train/peak_memory_gib` from its `metrics.csv`.
+
+Prints a Markdown table and writes JSON (`--out`). Run from the repository root (mgqa installed, or
+`PYTHONPATH=.`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mgqa.model import MGQATransformer, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VOCAB = 32000
+SHAPES = {
+    # ~1B Llama-like: 16 query / 4 KV heads of 128, SwiGLU width 5464.
+    "1b": dict(dim=2048, depth=16, heads=16, kv_heads=4, seq=4096, batch=4),
+    # conf/model/gqa_125m.yaml: 12 / 4 heads of 64.
+    "125m": dict(dim=768, depth=12, heads=12, kv_heads=4, seq=2048, batch=8),
+}
+IMPLS = (
+    "mgqa_eager_triton",
+    "mgqa_eager_sdpa",
+    "mgqa_compiled_triton",
+    "mgqa_compiled_sdpa",
+    "mgqa_compiled_sdpa_full_loss",
+    "hf_eager",
+    "hf_compiled",
+)
+
+
+def sdpa_choice() -> str:
+    """Which kernel PyTorch's SDPA dispatches a causal GQA call to on this card."""
+    q = torch.randn(1, 16, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    try:
+        choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True)
+        return str(torch.nn.attention.SDPBackend(choice).name)
+    except Exception as err:  # a private API: report rather than fail
+        return f"unknown ({type(err).__name__})"
+
+
+def model_config(shape: dict[str, int], backend: str) -> ModelConfig:
+    return ModelConfig(
+        dim=shape["dim"],
+        depth=shape["depth"],
+        heads=shape["heads"],
+        kv_heads=shape["kv_heads"],
+        num_tokens=VOCAB,
+        max_seq_len=shape["seq"],
+        pos_emb="rotary",
+        norm="rmsnorm",
+        ff="swiglu",
+        bias=False,
+        attn_backend=backend,
+    )
+
+
+def to_hf_llama(model: MGQATransformer) -> torch.nn.Module:
+    """A ``LlamaForCausalLM`` holding ``model``'s weights (Llama-style configs only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    cfg = model.config
+    head_dim = cfg.resolved_head_dim
+    hidden = model.attn_layers.blocks[0].ff.w_out.in_features
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.num_tokens,
+        hidden_size=cfg.dim,
+        intermediate_size=hidden,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rotary_base,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attn_implementation="sdpa",
+    )
+    hf = LlamaForCausalLM(hf_cfg).float()
+    q_rows, kv_rows = cfg.heads * head_dim, cfg.kv_heads * head_dim
+    state = {"model.embed_tokens.weight": model.token_emb.weight, "model.norm.weight": model.attn_layers.norm.weight}
+    state["lm_head.weight"] = model.to_logits.weight
+    for i, block in enumerate(model.attn_layers.blocks):
+        q, k, v = block.attn.qkv.weight.split((q_rows, kv_rows, kv_rows))
+        gate, up = block.ff.w_in.weight.chunk(2)
+        prefix = f"model.layers.{i}."
+        state.update({
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
+            prefix + "post_attention_layernorm.weight": block.ff_norm.weight,
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.ff.w_out.weight,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def logits_parity(shape: dict[str, int]) -> float:
+    """Max |mgqa - HF| of float32 logits for a 2-layer model of the shape's widths (TF32 off)."""
+    small = {**shape, "depth": 2}
+    torch.manual_seed(0)
+    model = MGQATransformer.from_config(model_config(small, "sdpa")).cuda().eval()
+    hf = to_hf_llama(model).cuda().eval()
+    tokens = torch.randint(0, VOCAB, (2, 256), device="cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        diff = (model(tokens) - hf(input_ids=tokens).logits).abs().max().item()
+    torch.backends.cuda.matmul.allow_tf32 = previous
+    return diff
+
+
+def build(impl: str, shape: dict[str, int]) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], MGQATransformer]:
+    """The module to optimize, its loss function, and the mgqa model it was built from (for FLOPs)."""
+    backend = "triton" if impl.endswith("triton") else "sdpa"
+    torch.manual_seed(0)
+    model = MGQATransformer.from_config(model_config(shape, backend)).cuda()
+    if impl.startswith("hf"):
+        hf = to_hf_llama(model).cuda()
+        runner = torch.compile(hf) if impl == "hf_compiled" else hf
+
+        def hf_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits = runner(input_ids=inputs).logits  # (B, N, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+        return hf, hf_loss, model
+    if "_compiled_" in impl:
+        model.compile_blocks()
+    if impl.endswith("full_loss"):
+        def full_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+
+        return model, full_loss, model
+    return model, model.loss, model
+
+
+def profile_steps(step: Callable[[], torch.Tensor], impl: str, out_dir: Path) -> None:
+    """Three steps under the PyTorch profiler: the top GPU kernels printed, a Chrome trace written."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    (out_dir / f"profile_{impl}.txt").write_text(table)
+    prof.export_chrome_trace(str(out_dir / f"trace_{impl}.json"))
+    print(f"--- profile of {impl}, 3 steps ---\n{table}", flush=True)
+
+
+def time_impl(
+    impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    module, loss_fn, reference = build(impl, shape)
+    flops_per_token = reference.training_flops_per_token(shape["seq"])
+    params = reference.num_parameters()
+    if module is not reference:
+        del reference
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (shape["batch"], shape["seq"] + 1), device="cuda", generator=gen)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    step_s = begin.elapsed_time(end) / 1e3 / steps
+    if profile_dir is not None:
+        profile_steps(step, impl, profile_dir)
+    tokens_per_s = shape["batch"] * shape["seq"] / step_s
+    row = {
+        "impl": impl,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": step_s * 1e3,
+        "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": first_step_s,
+        "final_loss": float(loss),
+        "params": params,
+    }
+    del module, optimizer, loss_fn
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, out_root: Path) -> dict[str, Any]:
+    """One `python train.py` run at the shape (compile on); throughput read from its metrics.csv."""
+    run_name = f"bench_{shape_name}_{backend}"
+    overrides = [
+        "model=llama",
+        f"model.dim={shape['dim']}",
+        f"model.depth={shape['depth']}",
+        f"model.heads={shape['heads']}",
+        f"model.kv_heads={shape['kv_heads']}",
+        f"model.num_tokens={VOCAB}",
+        f"model.max_seq_len={shape['seq']}",
+        f"model.attn_backend={backend}",
+        f"data.batch_size={shape['batch']}",
+        "compile=true",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.model_checkpoint",
+        "~callbacks.latest_checkpoint",
+        "~callbacks.signal_checkpoint",
+        "sample.max_new_tokens=1",
+        f"output_root={out_root}",
+        f"run_name={run_name}",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    row: dict[str, Any] = {"impl": f"train.py_compiled_{backend}", "wall_s": wall_s, "returncode": proc.returncode}
+    metrics = out_root / run_name / "metrics.csv"
+    if proc.returncode != 0 or not metrics.is_file():
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        return row
+    with open(metrics, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name)]
+
+    tokens = column("train/tokens_per_s")
+    row["tokens_per_s"] = statistics.median(tokens) if tokens else None
+    mfu = column("train/mfu")
+    row["mfu"] = statistics.median(mfu) if mfu else None
+    memory = column("train/peak_memory_gib")
+    row["peak_memory_gib"] = max(memory) if memory else None
+    row["windows"] = len(tokens)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="1b,125m", help=f"comma-separated, of {list(SHAPES)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {list(IMPLS)}")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--train-py", action="store_true", help="also run train.py at each shape, both backends")
+    parser.add_argument("--train-py-only", action="store_true", help="only the train.py runs")
+    parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of each train.py run")
+    parser.add_argument("--train-backends", default="auto,triton", help="model.attn_backend of the train.py runs")
+    parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
+    parser.add_argument("--profile-dir", default="bench/results/profiles", help="where profiles and traces go")
+    args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    impls = [i for i in args.impls.split(",") if i]
+    for name in shapes:
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; choose from {list(SHAPES)}")
+    for name in impls:
+        if name not in IMPLS:
+            parser.error(f"unknown implementation {name!r}; choose from {list(IMPLS)}")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be at least 1")
+    if not torch.cuda.is_available():
+        print("error: bench/train_throughput.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from lightning.fabric.utilities.throughput import get_available_flops  # noqa: PLC0415
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda")
+    peak = get_available_flops(device, torch.bfloat16)
+    card = torch.cuda.get_device_name()
+    results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB, "shapes": {}}
+    results["sdpa_backend"] = sdpa_choice()
+    print(f"SDPA's kernel for a causal GQA bf16 call at D=128: {results['sdpa_backend']}", flush=True)
+    for name in shapes:
+        shape = SHAPES[name]
+        entry: dict[str, Any] = {"shape": shape, "rows": []}
+        results["shapes"][name] = entry
+        if not args.train_py_only:
+            if any(i.startswith("hf") for i in impls):
+                entry["hf_logits_max_abs_diff_fp32"] = logits_parity(shape)
+                print(f"[{name}] HF logits parity (fp32, 2 layers): max |diff| {entry['hf_logits_max_abs_diff_fp32']:.2e}", flush=True)
+            for impl in impls:
+                try:
+                    profile_dir = Path(args.profile_dir) / name if impl in args.profile.split(",") else None
+                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir)
+                except Exception as err:  # one failing variant must not lose the others' numbers
+                    row = {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
+                    torch.cuda.empty_cache()
+                entry["rows"].append(row)
+                print(f"[{name}] {json.dumps(row)}", flush=True)
+        if args.train_py or args.train_py_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                for backend in [b for b in args.train_backends.split(",") if b]:
+                    row = train_py(name, shape, backend, args.train_steps, Path(tmp))
+                    entry["rows"].append(row)
+                    print(f"[{name}] {json.dumps(row)}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{card}, torch {torch.__version__}, bf16 autocast, vocab {VOCAB}; MFU against {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    for name, entry in results["shapes"].items():
+        s = entry["shape"]
+        print(f"\n### {name}: dim {s['dim']}, depth {s['depth']}, {s['heads']}/{s['kv_heads']} heads, seq {s['seq']}, batch {s['batch']}")
+        hf_compiled = next((r.get("tokens_per_s") for r in entry["rows"] if r["impl"] == "hf_compiled"), None)
+        print("| variant | tokens/s | MFU | peak GiB | first step s | x HF compiled |")
+        print("|---|---|---|---|---|---|")
+        for r in entry["rows"]:
+            if r.get("tokens_per_s") is None:
+                print(f"| {r['impl']} | failed: {r.get('error', '')[:80]!r} | | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / hf_compiled:.2f}" if hf_compiled else "-"
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+            mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
+            first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
+            print(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {first} | {ratio} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The chunked linear + cross-entropy against ``F.cross_entropy`` on the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mgqa.ops.cross_entropy import linear_cross_entropy
+
+
+def _inputs(rows: int, dim: int, vocab: int, dtype: torch.dtype = torch.float64):
+    hidden = torch.randn(rows, dim, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, dim, dtype=dtype) / dim**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,))
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_matches_cross_entropy_with_gradients(chunk_rows: int | None, ignore: bool) -> None:
+    hidden, weight, targets = _inputs(37, 16, 53)
+    if ignore:
+        targets[::3] = -100
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    grad_h, grad_w = torch.autograd.grad(loss * 2.5, (hidden, weight))
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    ref_h, ref_w = torch.autograd.grad(ref * 2.5, (hidden, weight))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_h, ref_h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_shapes_and_no_grad_path_agree() -> None:
+    hidden, weight, targets = _inputs(24, 8, 11, torch.float32)
+    with_grad = linear_cross_entropy(hidden.view(2, 12, 8), weight, targets.view(2, 12), chunk_rows=5)
+    with torch.no_grad():
+        without = linear_cross_entropy(hidden.view(2, 12, 8), weight, targets.view(2, 12), chunk_rows=5)
+    ref = F.cross_entropy(hidden @ weight.T, targets)
+    torch.testing.assert_close(with_grad, ref)
+    torch.testing.assert_close(without, ref)
+    assert not without.requires_grad
+
+
+def test_bf16_autocast_matches_autocast_linear() -> None:
+    """Under autocast the product runs in bf16 like nn.Linear would; gradients reach float32 weights."""
+    hidden, weight, targets = _inputs(64, 32, 97, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    loss.backward()
+    grad_w = weight.grad.clone()
+    weight.grad = None
+    ref.backward()
+    assert weight.grad.dtype == grad_w.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad_w, weight.grad, rtol=5e-2, atol=2e-3)
+
+
+def test_tied_weight_receives_both_gradients() -> None:
+    emb = torch.nn.Embedding(13, 8).double()
+    tokens = torch.randint(0, 13, (20,))
+    targets = torch.randint(0, 13, (20,))
+    loss = linear_cross_entropy(torch.tanh(emb(tokens)), emb.weight, targets, chunk_rows=6)
+    loss.backward()
+    got = emb.weight.grad.clone()
+    emb.weight.grad = None
+    F.cross_entropy(torch.tanh(emb(tokens)) @ emb.weight.T, targets).backward()
+    torch.testing.assert_close(got, emb.weight.grad)
+
+
+def test_bad_shapes_are_named() -> None:
+    hidden, weight, targets = _inputs(10, 8, 5)
+    with pytest.raises(ValueError, match="hidden has 10 rows but targets has 9"):
+        linear_cross_entropy(hidden, weight, targets[:9])
+    with pytest.raises(ValueError, match=r"weight must be \(vocab, 8\), got \(5, 7\)"):
+        linear_cross_entropy(hidden, weight[:, :7], targets)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compiled_chunks_match_cross_entropy() -> None:
+    """On CUDA each chunk's softmax gradient is one compiled pass; a shorter last chunk included."""
+    hidden = torch.randn(4096 + 37, 256, device="cuda", requires_grad=True)
+    weight = (torch.randn(5000, 256, device="cuda") / 16).requires_grad_()
+    targets = torch.randint(0, 5000, (4096 + 37,), device="cuda")
+    targets[::5] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=1024)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() / want.norm() < 1e-2
