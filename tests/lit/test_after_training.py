@@ -144,6 +144,10 @@ def test_uptrain_from_a_checkpoint_with_fewer_kv_heads(trained_run, tmp_path):
         apply_init(compose(*TINY, BPE, f"init.from={source}", "init.kv_heads=3"))
     with pytest.raises(ConfigError, match="this run uses 'byte'; set data.tokenizer=data/tokenizers"):
         apply_init(compose(*TINY, f"init.from={source}"))
+    with pytest.raises(ConfigError, match="init.alpha is set but init.from is not"):
+        apply_init(compose(*TINY, "experiment=uptrain"))
+    with pytest.raises(ConfigError, match="init.alpha must be > 0"):
+        apply_init(compose(*TINY, BPE, f"init.from={source}", "init.alpha=0"))
 
 
 @pytest.mark.gpu
