@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mgqa.lit.evaluate import evaluate
-from mgqa.model import ConfigError
+from mgqa.lit.validate import USER_ERRORS, user_message
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -21,8 +21,8 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         evaluate(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (*USER_ERRORS, ValueError) as err:  # ValueError: a data option the data module refuses
+        raise SystemExit(f"error: {user_message(err)}") from None
 
 
 if __name__ == "__main__":

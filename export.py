@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mgqa.convert.hf_export import check_exportable, export_hf
 from mgqa.lit.trained import load_trained
+from mgqa.lit.validate import USER_ERRORS, user_message
 from mgqa.model import ConfigError
 
 
@@ -26,8 +27,8 @@ def main(cfg: DictConfig) -> None:
         trained = load_trained(cfg.get("ckpt_path"), cfg.get("run_name"), cfg.output_root, device="cpu")
         check_exportable(trained.model.config)
         out = export_hf(trained.model, trained.tokenizer, cfg.out_dir, dtype=cfg.dtype)
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {user_message(err)}") from None
     print(f"exported {trained.path} (step {trained.step}) to {out}", file=sys.stderr)
 
 

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mgqa.lit.generate import generate
-from mgqa.model import ConfigError
+from mgqa.lit.validate import USER_ERRORS, user_message
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -20,8 +20,8 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         generate(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {user_message(err)}") from None
 
 
 if __name__ == "__main__":

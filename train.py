@@ -5,6 +5,8 @@ Configs live in conf/ (see conf/train.yaml); the work is done by mgqa.lit.run.tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -12,10 +14,10 @@ from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
 from mgqa.lit.launch import job_scope
+from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.run import train
 from mgqa.lit.sweep import objective
-from mgqa.lit.module import NonFiniteLossError
-from mgqa.model import ConfigError
+from mgqa.lit.validate import USER_ERRORS, user_message
 
 register_configs()
 
@@ -25,11 +27,12 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with job_scope():  # each job of a `-m` sweep starts clean: no process group, env or wandb run left over
             return objective(cfg, train(cfg))
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
+    except USER_ERRORS as err:  # the message is the whole story
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and runs the next one
-        # A wrong setting or path: the message is the whole story, no traceback.
-        raise SystemExit(f"error: {err}") from None
+        # A refused launch leaves no directory behind (Hydra made it before the checks).
+        remove_if_empty(HydraConfig.get().runtime.output_dir, stop_at=Path(str(cfg.output_root)).parent)
+        raise SystemExit(f"error: {user_message(err)}") from None
 
 
 if __name__ == "__main__":

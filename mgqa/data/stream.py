@@ -17,22 +17,31 @@ never waits on a rank that ran dry. Two ways to get there:
   runs out first starts another pass over the data in a new order.
 
 Windows hold ``seq_len + 1`` tokens with stride ``seq_len`` (inputs and shifted targets), no padding.
-Within a consumer a seeded shuffle buffer mixes windows across documents. The position
-(``epoch``, windows yielded) is the state for exact resume: restoring regenerates the epoch's
-deterministic stream and skips what was already yielded.
+Within a consumer, windows are shuffled in blocks of ``shuffle_buffer``: each block is read whole and
+yielded in a seeded order of its own. The position (``epoch``, windows yielded) is the state for
+exact resume, and the block structure makes it cheap: a resume rebuilds only the block it stopped
+in. Counted mode finds that block's first window by the token counts; fixed mode saves, with the
+position, the document where the current block starts (shard, document, token offset). Either way
+shards before it are not read and the documents before it in its shard are read but not tokenized.
+A fixed-mode state without that document position re-reads the epoch up to the block, and the log
+says how long it took.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+import time
 import zlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mgqa.data.sources import DocumentSource
+from mgqa.data.sources import DataError, DocumentSource
+
+log = logging.getLogger("mgqa")
 
 # (shard, index of the document in its shard) -> does this split keep it?
 DocFilter = Callable[[int, int], bool]
@@ -84,7 +93,7 @@ class HeldOut:
 
 def _check_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
 
 
 def holdout_by_count(counts: Sequence[Sequence[int]], val_fraction: float, seed: int) -> HeldOut:
@@ -92,7 +101,7 @@ def holdout_by_count(counts: Sequence[Sequence[int]], val_fraction: float, seed:
     _check_fraction(val_fraction)
     keys = [(s, j) for s, shard in enumerate(counts) for j, n in enumerate(shard) if n > 0]
     if len(keys) < 2:
-        raise ValueError(f"need at least 2 non-empty documents to hold one out for validation, got {len(keys)}")
+        raise DataError(f"need at least 2 non-empty documents to hold one out for validation, got {len(keys)}")
     random.Random(seed).shuffle(keys)
     return HeldOut(keys=set(keys[: max(1, round(len(keys) * val_fraction))]))
 
@@ -168,7 +177,7 @@ class PackedStream(IterableDataset):
             total_windows = max(0, sum(self.shard_tokens) - 1) // seq_len
             self.windows_per_consumer = total_windows // self.consumers // batch_size * batch_size
             if self.windows_per_consumer == 0:
-                raise ValueError(
+                raise DataError(
                     f"the {split_name} split has {total_windows} windows of {seq_len} tokens, fewer than one batch "
                     f"for each of {self.consumers} readers (world_size {world_size} x workers {self.workers} x "
                     f"data.batch_size {batch_size} = {self.consumers * batch_size}); lower the batch size, seq_len "
@@ -176,24 +185,25 @@ class PackedStream(IterableDataset):
                 )
         else:
             if not isinstance(batches_per_epoch, int) or batches_per_epoch < self.workers:
-                raise ValueError(
+                raise DataError(
                     f"data.batches_per_epoch must be an integer >= num_workers ({self.workers}), got {batches_per_epoch!r}"
                 )
             self.doc_tokens = None
             self.windows_per_consumer = batches_per_epoch // self.workers * batch_size
         self._next_epoch = 0
-        self._resume: Optional[tuple[int, int]] = None
+        self._resume: Optional[tuple[int, int, Optional[dict]]] = None
         self._epoch, self._yielded = 0, 0
+        self._origin: Optional[dict] = None  # fixed mode: where the current shuffle block starts
 
     def __len__(self) -> int:
         return self.windows_per_consumer * self.workers
 
     # -- position, saved by StatefulDataLoader once per worker -------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "yielded": self._yielded}
+        return {"epoch": self._epoch, "yielded": self._yielded, "origin": self._origin}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state["epoch"]), int(state["yielded"]))
+        self._resume = (int(state["epoch"]), int(state["yielded"]), state.get("origin"))
 
     def _consumer(self) -> int:
         info = get_worker_info()
@@ -204,19 +214,52 @@ class PackedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         consumer = self._consumer()
+        origin = None
         if self._resume is not None:
-            epoch, skip = self._resume
+            epoch, skip, origin = self._resume
             self._resume = None
             if skip >= self.windows_per_consumer:  # saved at the end of an epoch
-                epoch, skip = epoch + 1, 0
+                epoch, skip, origin = epoch + 1, 0, None
         else:
             epoch, skip = self._next_epoch, 0
         self._next_epoch = epoch + 1
-        self._epoch, self._yielded = epoch, skip
-        windows = self._shuffled(self._windows(epoch, consumer), epoch, consumer)
-        for window in itertools.islice(windows, skip, self.windows_per_consumer):
-            self._yielded += 1
-            yield window[:-1], window[1:]  # (N,), (N,)
+        self._epoch, self._yielded, self._origin = epoch, skip, None
+        block = self.shuffle_buffer if self.shuffle else 1
+        fixed = self.doc_tokens is None
+        if fixed and origin is not None:  # the saved block's first document: no replay
+            first_block = int(origin["block"])
+            offset = skip - first_block * block
+        else:
+            first_block, offset = divmod(skip, block)
+        replayed = fixed and skip > 0 and origin is None
+        started = time.perf_counter()
+        recent: list[dict] = []  # fixed mode: where each document read starts (to save block origins)
+        windows = self._windows(epoch, consumer, first_block * block, origin if fixed else None, recent)
+        for b in itertools.count(first_block):
+            if self._yielded >= self.windows_per_consumer:
+                return
+            chunk = [w.to(torch.int32) for w in itertools.islice(windows, block)]  # half the memory of int64
+            if not chunk:
+                return
+            if fixed:
+                self._origin = self._block_origin(recent, b, b * block * self.seq_len)
+            if skip:
+                log.info(
+                    "%s reader %d resumed at window %d of epoch %d in %.2fs%s", self.split_name, consumer, skip, epoch,
+                    time.perf_counter() - started, " (re-read and re-tokenized up to it: a checkpoint without "
+                    "document positions)" if replayed else "",
+                )  # fmt: skip
+                skip = 0
+            order = list(range(len(chunk)))
+            if self.shuffle:
+                random.Random(f"{self.seed}/{epoch}/consumer{consumer}/block{b}").shuffle(order)
+            for i in order[offset:]:
+                if self._yielded >= self.windows_per_consumer:
+                    return
+                self._yielded += 1
+                window = chunk[i].long()
+                yield window[:-1], window[1:]  # (N,), (N,)
+            offset = 0
 
     # -- the deterministic stream of one consumer in one epoch -------------------------------
     def _order(self, epoch: int, rerun: int = 0) -> list[int]:
@@ -225,37 +268,35 @@ class PackedStream(IterableDataset):
             random.Random(f"{self.seed}/{epoch}/{rerun}").shuffle(order)
         return order
 
-    def _shuffled(self, windows: Iterator[torch.Tensor], epoch: int, consumer: int) -> Iterator[torch.Tensor]:
-        if not self.shuffle:
-            yield from windows
-            return
-        rng = random.Random(f"{self.seed}/{epoch}/consumer{consumer}")
-        buffer: list[torch.Tensor] = []
-        for window in windows:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(window.to(torch.int32))  # half the memory of int64 while buffered
-                continue
-            i = rng.randrange(len(buffer))
-            out, buffer[i] = buffer[i], window.to(torch.int32)
-            yield out.long()
-        rng.shuffle(buffer)
-        for window in buffer:
-            yield window.long()
+    @staticmethod
+    def _block_origin(recent: list[dict], block: int, token: int) -> dict:
+        """The saved position of a block: the document holding its first token, and where in it."""
+        k = max(i for i, doc in enumerate(recent) if doc["doc_abs"] <= token)
+        del recent[:k]  # earlier documents are behind every later block
+        return {**recent[0], "block": block, "skip_tokens": token - recent[0]["doc_abs"]}
 
-    def _windows(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
+    def _windows(
+        self, epoch: int, consumer: int, first: int = 0, origin: Optional[dict] = None, recent: Optional[list] = None
+    ) -> Iterator[torch.Tensor]:
+        """This consumer's windows in stream order, from its ``first``-th window (fixed mode: from
+        ``origin``, the saved position of that window's block, else by re-reading up to it)."""
         if self.doc_tokens is not None:
-            return _cut_windows(self._range_tokens(epoch, consumer), self.seq_len)
-        return _cut_windows(self._cycled_tokens(epoch, consumer), self.seq_len)
+            return _cut_windows(self._range_tokens(epoch, consumer, first), self.seq_len)
+        if origin is not None:
+            return _cut_windows(self._cycled_tokens(epoch, consumer, origin, recent), self.seq_len)
+        return itertools.islice(_cut_windows(self._cycled_tokens(epoch, consumer, None, recent), self.seq_len), first, None)
 
     def _encode(self, texts: list[str]) -> Iterator[torch.Tensor]:
         eot = torch.tensor([self.tokenizer.eot_id], dtype=torch.long)
         for tokens in self.tokenizer.encode_batch(texts):
             yield torch.cat((tokens, eot))
 
-    def _range_tokens(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
-        """Counted mode: exactly the tokens [start, start + n * seq_len + 1) of the epoch's stream."""
+    def _range_tokens(self, epoch: int, consumer: int, first: int = 0) -> Iterator[torch.Tensor]:
+        """Counted mode: exactly the tokens [start, start + n * seq_len + 1) of the epoch's stream,
+        from the ``first``-th window of the range on."""
         start = consumer * self.windows_per_consumer * self.seq_len
         end = start + self.windows_per_consumer * self.seq_len + 1
+        start += first * self.seq_len
         offset = 0
         for shard in self._order(epoch):
             if offset + self.shard_tokens[shard] <= start:
@@ -284,31 +325,53 @@ class PackedStream(IterableDataset):
             for tokens, (a, b) in zip(self._encode(texts), spans):
                 yield tokens[a:b]
 
-    def _cycled_tokens(self, epoch: int, consumer: int) -> Iterator[torch.Tensor]:
-        """Fixed mode: this consumer's shards (or every C-th document) in passes of new orders."""
+    def _cycled_tokens(
+        self, epoch: int, consumer: int, origin: Optional[dict] = None, recent: Optional[list] = None
+    ) -> Iterator[torch.Tensor]:
+        """Fixed mode: this consumer's shards (or every C-th document) in passes of new orders.
+
+        Each document's position is appended to ``recent``; ``origin`` (one such position, with
+        ``skip_tokens``) starts the stream inside that document: earlier documents of its shard are
+        read but not tokenized, earlier shards not read."""
         by_shard = self.source.num_shards >= self.consumers
-        for rerun in itertools.count():
+        pos = origin["doc_abs"] if origin else 0  # tokens of the epoch's stream before the next document
+        skip = origin["skip_tokens"] if origin else 0
+        for rerun in itertools.count(origin["rerun"] if origin else 0):
             order = self._order(epoch, rerun)
             shards = order[consumer :: self.consumers] if by_shard else order
-            produced, seen, texts = 0, 0, []
-            for shard in shards:
+            here = origin is not None and rerun == origin["rerun"]
+            produced, seen = (origin["produced"], origin["seen"]) if here else (0, 0)
+            texts, docs = [], []
+
+            def emit() -> Iterator[torch.Tensor]:
+                nonlocal pos, produced, skip
+                for tokens, doc in zip(self._encode(texts), docs):
+                    if recent is not None:
+                        recent.append({**doc, "produced": produced, "doc_abs": pos})
+                    produced += tokens.numel()
+                    pos += tokens.numel()
+                    yield tokens[skip:] if skip else tokens
+                    skip = 0
+                texts.clear()
+                docs.clear()
+
+            for i in range(origin["shard"] if here else 0, len(shards)):
+                shard = shards[i]
                 for j, text in enumerate(self.source.documents(shard)):
+                    if here and i == origin["shard"] and j < origin["doc"]:
+                        continue
                     if not text or not self.keep(shard, j):
                         continue
                     seen += 1
                     if not by_shard and (seen - 1) % self.consumers != consumer:
                         continue
                     texts.append(text)
+                    docs.append({"rerun": rerun, "shard": i, "doc": j, "seen": seen - 1})
                     if len(texts) == ENCODE_BATCH:
-                        for tokens in self._encode(texts):
-                            produced += tokens.numel()
-                            yield tokens
-                        texts = []
-            for tokens in self._encode(texts):
-                produced += tokens.numel()
-                yield tokens
+                        yield from emit()
+            yield from emit()
             if produced == 0:
-                raise ValueError(
+                raise DataError(
                     f"reader {consumer} of {self.consumers} found no {self.split_name} text in a full pass over "
                     f"{self.source.num_shards} shard(s); the split is empty or has fewer documents than readers "
                     "(for a held-out fraction: raise data.val_fraction)"

@@ -156,10 +156,13 @@ class SignalCheckpoint(L.Callback):
         if not final and not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         trainer.save_checkpoint(self.path)
-        # Stopping runs the epoch-end hooks; a checkpoint written there would look like an
-        # end-of-epoch state and resume at the next epoch. Mark this step as saved.
+        # Stopping runs the epoch-end hooks; a step checkpoint written there would look like an
+        # end-of-epoch state and resume at the next epoch. Mark this step as saved for the callbacks
+        # that save on training steps or time; those that save on validation (the best by val/loss)
+        # still see the validation that follows the final step or the stop.
         for callback in trainer.checkpoint_callbacks:
-            callback._last_global_step_saved = trainer.global_step
+            if _saves_on_train_steps(callback):
+                callback._last_global_step_saved = trainer.global_step
         if final:
             return
         self.saved_at_step = trainer.global_step
@@ -172,6 +175,36 @@ class SignalCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+def _saves_on_train_steps(callback: Any) -> bool:
+    """Whether a ``ModelCheckpoint`` saves every N training steps or on a timer (not at validation)."""
+    return bool(getattr(callback, "_every_n_train_steps", 0)) or getattr(callback, "_train_time_interval", None) is not None
+
+
+class ConfiguredLearningRate(L.Callback):
+    """A resumed run trains at the configured ``optim.optimizer.lr``, not at the one stored with the
+    optimizer and LR-schedule state: lowering the learning rate is the usual answer to a diverged run
+    (see ``LanguageModel``'s update check). The schedule keeps its position; its base learning rate changes."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        lr = float(pl_module.hparams["optim"]["optimizer"]["lr"])
+        stored = None
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                base = float(group.get("initial_lr", group["lr"]))
+                if base != lr:
+                    stored = base
+                    group["lr"] *= lr / base  # the same point of the schedule, from the new base
+                    group["initial_lr"] = lr
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        if stored is not None:
+            rank_zero_info(f"resumed with optim.optimizer.lr={lr:g} (the checkpoint's was {stored:g})")
 
 
 class FinalValidation(L.Callback):

@@ -4,7 +4,10 @@
   over the target and fsyncs the directory: a ``kill -9`` at any moment leaves either the old file
   or the new one, never a torn one. It loads with ``torch.load(weights_only=True)``, so a checkpoint
   cannot run code.
-- ``find_resume_checkpoint`` implements ``ckpt_path=last``: the newest checkpoint of a run that loads.
+  It refuses to write a state holding a NaN or infinity (``NonFiniteStateError``): no checkpoint on
+  disk is ever poisoned, so resuming always starts from finite weights and optimizer state.
+- ``find_resume_checkpoint`` implements ``ckpt_path=last``: the newest checkpoint of a run that loads
+  and is finite; every damaged file (empty, truncated, garbage, a directory) is skipped with a warning.
 - ``check_compatible`` compares a checkpoint's stored hyperparameters with the current run's.
 """
 
@@ -31,6 +34,39 @@ RUN_TIME_OPTIONS = ("attn_backend", "activation_checkpointing")
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A training state (weights or optimizer moments) holding NaN or infinity, refused on save or load."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def nonfinite_tensors(checkpoint: dict[str, Any], limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` floating-point tensors of the weights (``state_dict``) and optimizer
+    states that hold NaN or infinity; empty when the state is finite."""
+    found: list[str] = []
+
+    def visit(name: str, value: Any) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                found.append(name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(f"{name}[{index}]", item)
+
+    visit("", checkpoint.get("state_dict", {}))
+    visit("optimizer_states", checkpoint.get("optimizer_states", []))
+    return found
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -67,17 +103,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     Raises ``FileNotFoundError`` or ``CheckpointError`` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load checkpoint {path}: it holds objects that are not plain data and loading "
-            f"them could run code ({str(err).splitlines()[0]})"
+            f"them could run code ({first_line(err)})"
         ) from err
     except Exception as err:  # torch.load fails in many ways on torn or foreign bytes
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(err).splitlines()[0]})") from err
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(err)})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not an mgqa/Lightning checkpoint (no 'state_dict')")
     return checkpoint
@@ -89,6 +129,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
+        bad = nonfinite_tensors(checkpoint)
+        if bad:
+            raise NonFiniteStateError(
+                f"refusing to write checkpoint {path}: the state at step {checkpoint.get('global_step')} holds "
+                f"NaN or infinity ({', '.join(bad)}); the checkpoints on disk stay finite: resume with "
+                "ckpt_path=last and a lower optim.optimizer.lr"
+            )
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
@@ -101,20 +148,31 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     """Checkpoint files of a run in the order ``ckpt_path=last`` tries them: newest first (by
     modification time), the ``best-*`` files last. Those are written at the end of validation, a
     state Lightning resumes less exactly than the end of a training batch, where the others are."""
-    found = [p for p in run_dir.glob(f"checkpoints/*{CHECKPOINT_SUFFIX}") if p.is_file()]
-    found += [p for p in run_dir.glob(f"hpc_ckpt_*{CHECKPOINT_SUFFIX}") if p.is_file()]  # SLURM requeue saves
+    # Directories named *.ckpt stay in, so that ckpt_path=last names them when it skips them.
+    found = [p for p in run_dir.glob(f"checkpoints/*{CHECKPOINT_SUFFIX}") if p.exists()]
+    found += [p for p in run_dir.glob(f"hpc_ckpt_*{CHECKPOINT_SUFFIX}") if p.exists()]  # SLURM requeue saves
     return sorted(found, key=lambda p: (p.name.startswith("best"), -p.stat().st_mtime_ns))
 
 
-def find_resume_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict[str, Any]]]:
-    """The newest checkpoint of ``run_dir`` that loads, with its contents; None if there is none.
+def load_finite_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``load_checkpoint``, refusing a state with NaN or infinity (``NonFiniteStateError``)."""
+    checkpoint = load_checkpoint(path, map_location)
+    bad = nonfinite_tensors(checkpoint)
+    if bad:
+        raise NonFiniteStateError(f"checkpoint {path} holds NaN or infinity ({', '.join(bad)}); resume an earlier one")
+    return checkpoint
 
-    Files that fail to load are skipped with a warning naming them.
+
+def find_resume_checkpoint(run_dir: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The newest checkpoint of ``run_dir`` that loads and is finite, with its contents; None if there is none.
+
+    Every other file (empty, truncated, garbage, not a checkpoint, non-finite) is skipped with a warning
+    naming it.
     """
     for path in checkpoint_candidates(run_dir):
         try:
-            return path, load_checkpoint(path)
-        except CheckpointError as err:
+            return path, load_finite_checkpoint(path)
+        except (CheckpointError, OSError) as err:
             log.warning("skipping %s", err)
     return None
 

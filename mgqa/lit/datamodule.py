@@ -14,6 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mgqa.data import (
     DocumentSource,
     PackedStream,
+    check_file,
     build_tokenizer,
     count_tokens,
     holdout_by_count,
@@ -83,11 +84,12 @@ class TextDataModule(L.LightningDataModule):
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def check_files(self) -> None:
-        """Fail early, naming the pattern, if the configured files don't exist."""
-        if self.files is not None:
-            resolve_files(self.files)
-        if self.val_files is not None:
-            resolve_files(self.val_files)
+        """Fail early, naming the pattern or file, if the configured files don't exist or are not
+        readable text of their format (``mgqa.data.sources.check_file``)."""
+        for pattern in (self.files, self.val_files):
+            if pattern is not None:
+                for path in resolve_files(pattern):
+                    check_file(path, self.text_field)
 
     def _source(self, split: str) -> DocumentSource:
         if self.files is not None:

@@ -36,7 +36,10 @@ class LanguageModel(L.LightningModule):
 
     ``nonfinite_loss``: ``{"action": "stop" | "skip", "max_skips": N}``. On a NaN/Inf loss, ``stop``
     raises ``NonFiniteLossError`` naming the step (no checkpoint is written, so the last good one
-    stays); ``skip`` drops the batch's update, at most N times in a run, then stops.
+    stays); ``skip`` drops the batch's update, at most N times in a run, then stops; a skipped step
+    logs its loss (NaN/Inf) and ``train/skipped_batches``. Weights made non-finite by an update
+    (a finite loss can still give one, e.g. at a huge learning rate) stop the run in either mode,
+    before any checkpoint holding them is written: a skipped batch cannot undo an applied update.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class LanguageModel(L.LightningModule):
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
         self.flops_per_batch: Optional[int] = None  # read by ThroughputMonitor for MFU
+        self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
         if guard["action"] not in ("stop", "skip"):
@@ -85,7 +89,9 @@ class LanguageModel(L.LightningModule):
         self.flops_per_batch = inputs.numel() * self.model.training_flops_per_token(inputs.shape[1])
         loss = self._loss(batch)
         # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
-        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        self._check_last_update()  # its flag was computed before this forward: reading it costs no wait
+        if nonfinite:
             return self._on_nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
         schedulers = self.lr_schedulers()
@@ -93,18 +99,51 @@ class LanguageModel(L.LightningModule):
             self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
         return loss
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # One fused pass over the weights, left on the device: the flag is read after the next
+        # forward's loss check (which waits for the GPU anyway) or before a checkpoint is written,
+        # so the check adds no host sync to a step.
+        params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
+        if params:
+            finite = torch.stack(torch._foreach_norm(params)).isfinite().all()
+            self._update_check = (self.global_step, finite)
+
+    def _check_last_update(self) -> None:
+        """Stop if the last optimizer step left NaN or infinity in the weights (on any rank)."""
+        if self._update_check is None:
+            return
+        step, finite = self._update_check
+        self._update_check = None
+        if not self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
+            return
+        names = [n for n, p in self.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        where = ", ".join(names[:3]) if names else "on another rank"
+        raise NonFiniteLossError(
+            f"the update of step {step} left NaN or infinity in the weights ({where}) although the loss "
+            "was finite; nothing of this step was saved. Resume with a lower optim.optimizer.lr from "
+            "ckpt_path=last, or from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_last_update()  # before any file holding this step's weights is written
+
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         where = f"at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
         if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
             self.nonfinite_skips += 1
+            # Logged as what it was: the step's non-finite loss and the running count of skipped
+            # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
+            self.log("train/loss", loss.detach(), prog_bar=True)
+            self.log("train/skipped_batches", float(self.nonfinite_skips))
             log.warning(
                 "non-finite training loss (%s) %s: batch skipped (%d of at most %d)",
                 loss.item(), where, self.nonfinite_skips, self.max_nonfinite_skips,
             )
             return None
         raise NonFiniteLossError(
-            f"training loss is {loss.item()} {where}; stopping. The last good checkpoint is kept: resume with "
-            "ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
+            f"training loss is {loss.item()} {where}; stopping. Checkpoints on disk hold only finite states: "
+            "resume with ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
         )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

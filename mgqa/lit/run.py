@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -9,22 +10,34 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mgqa.data import build_tokenizer
-from mgqa.lit.callbacks import FinalValidation, SignalCheckpoint
-from mgqa.lit.checkpoint import AtomicCheckpointIO, check_compatible, checkpoint_candidates, find_resume_checkpoint, load_checkpoint
+from mgqa.lit.callbacks import ConfiguredLearningRate, FinalValidation, SignalCheckpoint
+from mgqa.lit.checkpoint import (
+    AtomicCheckpointIO,
+    check_compatible,
+    checkpoint_candidates,
+    find_resume_checkpoint,
+    first_line,
+    load_checkpoint,
+    load_finite_checkpoint,
+)
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
 from mgqa.lit.init import apply_init
 from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
+from mgqa.lit.rundir import RunDirLock, check_resumable_name, save_run_record
 from mgqa.lit.trained import TokenizerInCheckpoint
+from mgqa.lit.validate import validate_config
 from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
@@ -70,17 +83,35 @@ def _check_fsdp_device(trainer_cfg: DictConfig) -> None:
         )
 
 
-def _instantiate_group(group: Optional[DictConfig]) -> list[Any]:
-    """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping null entries."""
+def _instantiate_group(group: Optional[DictConfig], name: str) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping null entries. A value the
+    target refuses is a ``ConfigError`` naming the entry (``callbacks.latest_checkpoint: ...``)."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+    objects = []
+    for key, node in group.items():
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            objects.append(instantiate(node))
+        except InstantiationException as err:
+            cause = err.__cause__ if err.__cause__ is not None else err
+            raise ConfigError(f"{name}.{key}: {first_line(cause)}") from err
+    return objects
 
 
 def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     """Validate the config, then build the LightningModule, DataModule and Trainer (no data read yet)."""
     model_cfg = resolve_model_config(cfg)
-    datamodule: TextDataModule = instantiate(cfg.data)
+    try:
+        datamodule: TextDataModule = instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, TypeError):  # an unknown key added with +data.<key>=...
+            raise ConfigError(f"data: {cause}") from err
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(str(cause)) from err
+        raise
     datamodule.check_files()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     nonfinite = OmegaConf.to_container(cfg.nonfinite_loss, resolve=True) if cfg.get("nonfinite_loss") else None
@@ -97,16 +128,19 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     _check_fsdp_device(cfg.trainer)
     if isinstance(trainer_cfg.get("strategy"), dict):  # a strategy object, e.g. conf/trainer/ddp.yaml
         trainer_cfg["strategy"] = instantiate(cfg.trainer.strategy)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks += [FinalValidation(), TokenizerInCheckpoint()]
-    loggers = _instantiate_group(cfg.get("logger")) or False
+    callbacks += [ConfiguredLearningRate(), FinalValidation(), TokenizerInCheckpoint()]
+    loggers = _instantiate_group(cfg.get("logger"), "logger") or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
         plugins.append(AtomicCheckpointIO())
     trainer_cfg.setdefault("default_root_dir", str(cfg.run_dir))
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
+    try:
+        trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
+    except (TypeError, ValueError, MisconfigurationException) as err:  # an unknown or refused trainer.* value
+        raise ConfigError(f"trainer: {first_line(err)}") from err
     return module, datamodule, trainer
 
 
@@ -135,7 +169,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig) -> tu
         path, checkpoint = found
     else:
         path = Path(requested)
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_finite_checkpoint(path)
     check_compatible(path, checkpoint, model_cfg.to_dict(), tokenizer)
     step = int(checkpoint.get("global_step", 0))
     rank_zero_info(f"resuming from {path} (step {step})")
@@ -153,22 +187,44 @@ def _launching_rank_zero() -> bool:
 def train(cfg: DictConfig) -> Optional[float]:
     """Fit, validate once more, print the final validation loss and a sample. Returns the final val loss.
 
-    Stopped by a signal, it saves ``last.ckpt`` and returns None without the final report.
+    Everything is checked before the run directory is written: the config, the run-directory lock,
+    the data files, the checkpoint to resume. Rank 0 then holds the directory's lock (``RunDirLock``)
+    until the run ends. Stopped by a signal, it saves ``last.ckpt`` and returns None without the final
+    report.
     """
     run_dir = Path(cfg.run_dir)
+    check_resumable_name(cfg)
     init = apply_init(cfg)  # init.from: the source's architecture into cfg.model, its weights loaded below
+    validate_config(cfg)
     model_cfg = resolve_model_config(cfg)
-    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if _launching_rank_zero():
-        # Rows after the resumed step are logged again; a fresh start begins an empty file.
-        truncate_metrics(run_dir / "metrics.csv", start_step)
+    owner = _launching_rank_zero()
+    if owner:
+        RunDirLock(run_dir).check_free()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
+    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
     if init is not None and ckpt_path is None:
         init.load_into(module.model)
+    with RunDirLock(run_dir) if owner else contextlib.nullcontext():
+        return _fit(cfg, run_dir, module, datamodule, trainer, ckpt_path, start_step)
+
+
+def _fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    module: LanguageModel,
+    datamodule: TextDataModule,
+    trainer: L.Trainer,
+    ckpt_path: Optional[Path],
+    start_step: int,
+) -> Optional[float]:
+    run_dir.mkdir(parents=True, exist_ok=True)  # the other ranks may get here before rank 0's lock makes it
+    if _launching_rank_zero():
+        save_run_record(run_dir, cfg)
+        # Rows after the resumed step are logged again; a fresh start begins an empty file.
+        truncate_metrics(run_dir / "metrics.csv", start_step)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log_config(trainer.loggers, cfg)

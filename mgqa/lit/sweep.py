@@ -3,7 +3,8 @@
 ``SweepSummary`` is a Hydra callback (registered in conf/train.yaml under ``hydra.callbacks``). After every
 job of a ``-m`` sweep it appends a row to ``<sweep dir>/summary.csv`` and redraws ``summary.png`` (final
 validation loss against training throughput, one point per job: the GQA quality/speed picture); at the end
-it prints the table. A failed job is reported and, unless ``fail_fast``, the sweep goes on.
+it prints the table. A failed job is reported and, unless ``fail_fast``, the sweep goes on; a sweep with a
+failed job exits non-zero after its table, with a one-line ``error:`` and no traceback.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ log = logging.getLogger("mgqa")
 COLUMNS = ("job", "overrides", "status", "val_loss", "tokens_per_s", "params", "kv_cache_bytes_per_token", "run_dir")
 
 
-class SweepAborted(RuntimeError):
-    """Raised after a failed job when ``fail_fast`` is set: Hydra stops launching jobs."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user fixes by changing an input (``train.py`` prints them as one line)."""
+    from mgqa.lit.validate import USER_ERRORS  # noqa: PLC0415 (imports torch and Lightning)
+
+    return USER_ERRORS
 
 
 def last_metric(metrics_csv: Path, name: str) -> Optional[float]:
@@ -151,9 +155,10 @@ class SweepSummary(Callback):
     def __init__(self, fail_fast: bool = False) -> None:
         self.fail_fast = fail_fast
         self.rows: list[dict[str, Any]] = []
+        self._exiting = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.rows = []
+        self.rows, self._exiting = [], False
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.hydra_cfg is None or job_return.hydra_cfg.hydra.mode != RunMode.MULTIRUN:
@@ -168,9 +173,19 @@ class SweepSummary(Callback):
             writer.writerows(self.rows)
         plot_sweep(self.rows, sweep_dir / "summary.png")
         if row["status"] != "ok":
-            log.error("sweep job %s (%s) %s", row["job"], row["overrides"], row["status"])
+            error = job_return._return_value
+            # A wrong input is its one-line message; anything else keeps its traceback in the log.
+            trace = error if isinstance(error, BaseException) and not isinstance(error, user_errors()) else None
+            log.error("sweep job %s (%s) %s", row["job"], row["overrides"], row["status"], exc_info=trace)
+            # The failure is recorded here. Hydra's sweepers re-raise a failed job's exception, which ends
+            # the sweep with a traceback before the summary: the job returns NaN instead (Optuna records a
+            # failed trial), and the sweep exits non-zero after its table (on_multirun_end).
+            job_return.status = JobStatus.COMPLETED
+            job_return.return_value = float("nan")
             if self.fail_fast:
-                raise SweepAborted(f"job {row['job']} ({row['overrides']}) failed and fail_fast is set")
+                self._exiting = True  # this exit names the job, not the count
+                self.on_multirun_end(config)
+                raise SystemExit(f"error: sweep job {row['job']} ({row['overrides']}) failed and fail_fast is set")
         else:
             loss = "-" if row["val_loss"] is None or not math.isfinite(row["val_loss"]) else f"{row['val_loss']:.4f}"
             log.info("sweep job %s (%s) done: val/loss %s", row["job"], row["overrides"], loss)
@@ -183,3 +198,6 @@ class SweepSummary(Callback):
         print(f"sweep summary ({len(self.rows)} jobs, {failed} failed):")
         print(format_table(self.rows))
         print(f"summary: {sweep_dir / 'summary.csv'}, plot: {sweep_dir / 'summary.png'}")
+        if failed and not self._exiting:
+            self._exiting = True
+            raise SystemExit(f"error: {failed} of {len(self.rows)} sweep jobs failed (see the table above)")

@@ -197,6 +197,7 @@ def stream_tokens(
     check_sampling(temperature, top_k, top_p)
     device = model.token_emb.weight.device
     tokens, lengths = prepare_prompt(prompt, model.config.max_seq_len, device)
+    model._check_token_ids(tokens)  # once, here: the steps feed the model's own samples
     graph = use_cuda_graph(cuda_graph, device, use_cache)
     if compile_step and not use_cache:
         raise ValueError("compile_step=True compiles the cached decode step; it needs use_cache=True")

@@ -134,6 +134,7 @@ class MGQATransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache | StaticKVCache] = None) -> torch.Tensor:
         """tokens: (B, N) int64 -> logits (B, N, num_tokens). With ``cache``, the tokens continue
         the cached positions and the cache is extended by N."""
+        self._check_token_ids(tokens)
         return self.to_logits(self.hidden_states(tokens, cache=cache))  # (B, N, V)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
@@ -142,6 +143,7 @@ class MGQATransformer(nn.Module):
         Equal to ``F.cross_entropy(self(tokens).flatten(0, 1).float(), targets.flatten())``, computed
         in chunks of rows so that the batch's full logits are never held (``mgqa.ops.cross_entropy``).
         """
+        self._check_token_ids(tokens)
         return ops.linear_cross_entropy(
             self.hidden_states(tokens), self.to_logits.weight, targets, ignore_index=ignore_index
         )
@@ -218,6 +220,21 @@ class MGQATransformer(nn.Module):
         from mgqa.convert.hf_import import load_hf_model  # noqa: PLC0415 (reads safetensors only when asked)
 
         return load_hf_model(path, dtype=dtype, max_seq_len=max_seq_len)
+
+    def _check_token_ids(self, tokens: torch.Tensor) -> None:
+        """An id outside [0, num_tokens) names itself, instead of an embedding ``IndexError`` (CPU) or a
+        device-side assert (CUDA). Skipped while compiling or capturing a CUDA graph, and in CUDA
+        training, where the batches come from the tokenizer ``num_tokens`` was checked against and a
+        host sync per step would cost time. ``hidden_states`` (the trunk that generation steps call
+        with the model's own samples) does not check; ``forward``, ``loss`` and generation's prompt do."""
+        if tokens.numel() == 0 or torch.compiler.is_compiling() or (self.training and tokens.is_cuda):
+            return
+        if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        low, high = (int(t) for t in torch.aminmax(tokens))
+        if low < 0 or high >= self.config.num_tokens:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, num_tokens={self.config.num_tokens})")
 
     def generate(
         self,

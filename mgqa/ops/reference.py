@@ -35,6 +35,10 @@ def reference_attention(
     float64 for tests; float64 inputs always in float64) and returns q's dtype. Query rows that can see no key (causal with
     Nq > Nk) output zeros.
     """
+    if not q.dtype == k.dtype == v.dtype:  # as SDPA: no silent promotion of one operand
+        raise ValueError(
+            f"query, key and value must have the same dtype, got query {q.dtype}, key {k.dtype}, value {v.dtype}"
+        )
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -46,9 +50,13 @@ def reference_attention(
     vf = v.to(upcast).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, Nq, Nk)
     if causal:
-        scores = scores.masked_fill(~causal_mask(n_q, n_k, q.device), float("-inf"))
+        mask = causal_mask(n_q, n_k, q.device)  # (Nq, Nk)
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+    if causal and n_q > n_k:
+        # Rows that see no key are all -inf: zero them by the mask, never by value, so that a NaN in
+        # q, k or v still reaches the output as it does with SDPA.
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vf)  # (B, Hkv, G, Nq, D)

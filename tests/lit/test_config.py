@@ -49,7 +49,8 @@ def test_missing_data_files_are_named_before_training(tmp_path):
 
 @pytest.mark.parametrize(
     "override, fragment",
-    [("model=gpt9", "model/gpt9"), ("model.colour=red", "colour"), ("model.kv_heads=two", "two")],
+    [("model=gpt9", "model/gpt9"), ("model=schema", "model/schema"), ("model.colour=red", "colour"),
+     ("model.kv_heads=two", "two")],
 )
 def test_unknown_presets_keys_and_types_fail_at_composition(override, fragment):
     with pytest.raises(ConfigCompositionException) as err:

@@ -20,6 +20,8 @@ def test_ddp_sweep_runs_each_job_once_and_survives_a_failed_job(tmp_path):
     proc, out = run_cli("-m", "model.kv_heads=1,3,2", *TINY_CLI, *DDP_CPU, "trainer.devices=2",
                         f"output_root={tmp_path}", timeout=280)
     assert proc.returncode != 0  # the sweep reports the failure...
+    assert "Traceback" not in out and "error: 1 of 3 sweep jobs failed" in out  # ...in one line, after its table
+    assert out.index("sweep summary (3 jobs, 1 failed)") < out.index("error: 1 of 3 sweep jobs failed")
     assert out.count("Launching 3 jobs") == 1  # ...no rank re-ran the sweep
     (sweep_dir,) = (tmp_path / "multirun").iterdir()
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
