@@ -67,6 +67,10 @@ IMPLS = (
 )
 
 
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def sdpa_choice() -> str:
     """Which kernel PyTorch's SDPA dispatches a causal GQA call to on this card."""
     q = torch.randn(1, 16, 1024, 128, device="cuda", dtype=torch.bfloat16)
@@ -254,6 +258,45 @@ def time_impl(
     return row
 
 
+def loss_memory(vocab: int, rows: int = 16384, dim: int = 2048, repeats: int = 10) -> list[dict[str, Any]]:
+    """Peak memory and time of the LM head + loss, forward and backward, chunked against full logits."""
+    from mgqa.ops import linear_cross_entropy  # noqa: PLC0415
+
+    hidden = torch.randn(rows, dim, device="cuda", requires_grad=True)
+    weight = (torch.randn(vocab, dim, device="cuda") / dim**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    variants = {
+        "chunked": lambda: linear_cross_entropy(hidden, weight, targets),
+        "full_logits": lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets),
+    }
+    rows_out = []
+    for name, fn in variants.items():
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fn()
+            loss.backward()
+            hidden.grad = weight.grad = None
+
+        step()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        rows_out.append({
+            "impl": f"loss_{name}", "vocab": vocab, "rows": rows, "dim": dim,
+            "ms": begin.elapsed_time(end) / repeats, "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+        })
+        print(f"[loss] {json.dumps(rows_out[-1])}", flush=True)
+    del hidden, weight
+    torch.cuda.empty_cache()
+    return rows_out
+
+
 def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, out_root: Path) -> dict[str, Any]:
     """One `python train.py` run at the shape (compile on); throughput read from its metrics.csv."""
     run_name = f"bench_{shape_name}_{backend}"
@@ -315,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of each train.py run")
     parser.add_argument("--train-backends", default="auto,triton", help="model.attn_backend of the train.py runs")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument("--loss-vocabs", default="", help="also time the LM head + loss alone at these vocabularies")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
     parser.add_argument("--profile-dir", default="bench/results/profiles", help="where profiles and traces go")
     args = parser.parse_args(argv)
@@ -326,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in impls:
         if name not in IMPLS:
             parser.error(f"unknown implementation {name!r}; choose from {list(IMPLS)}")
+    try:
+        int_list(args.loss_vocabs)
+    except ValueError:
+        parser.error(f"--loss-vocabs {args.loss_vocabs!r}: expected comma-separated integers")
     if args.steps < 1 or args.warmup < 1:
         parser.error(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be at least 1")
     if not torch.cuda.is_available():
@@ -340,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB, "shapes": {}}
     results["sdpa_backend"] = sdpa_choice()
     print(f"SDPA's kernel for a causal GQA bf16 call at D=128: {results['sdpa_backend']}", flush=True)
+    if args.loss_vocabs:
+        results["loss"] = [row for vocab in int_list(args.loss_vocabs) for row in loss_memory(vocab)]
     for name in shapes:
         shape = SHAPES[name]
         entry: dict[str, Any] = {"shape": shape, "rows": []}
@@ -382,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
             first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
             print(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {first} | {ratio} |")
+    if results.get("loss"):
+        print("\n### LM head + loss alone: 16384 rows of 2048, forward and backward, bf16 autocast")
+        print("| vocab | variant | ms | peak extra GiB |")
+        print("|---|---|---|---|")
+        for r in results["loss"]:
+            print(f"| {r['vocab']} | {r['impl']} | {r['ms']:.2f} | {r['peak_extra_gib']:.2f} |")
     print(f"\nwrote {out}")
     return 0
 

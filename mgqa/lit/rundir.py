@@ -161,8 +161,9 @@ def check_resumable_name(cfg: DictConfig) -> None:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return  # every job of a sweep has its own directory
     keys = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
-    if keys & {"run_name", "hydra.run.dir", "run_dir"}:
-        return
+    raw_name = str(OmegaConf.to_container(cfg, resolve=False).get("run_name", ""))
+    if not raw_name.startswith("${now:") or keys & {"hydra.run.dir", "run_dir"}:
+        return  # a name (from the command line or an experiment) or an explicit directory: resumable
     root = Path(str(cfg.output_root))
     own = Path(hydra_cfg.runtime.output_dir).resolve()
     runs = [p for p in root.glob("*/checkpoints") if p.parent.resolve() != own] if root.is_dir() else []
