@@ -8,6 +8,7 @@ documents), ``encode``/``encode_batch``/``decode`` and ``state()``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -98,8 +99,21 @@ class HFTokenizer:
     def decode(self, tokens: Iterable[int]) -> str:
         return self.tok.decode([int(t) for t in tokens], skip_special_tokens=True)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as ``tokenizer.json`` text; checkpoints carry it (``from_json``)."""
+        return self.tok.to_str()
+
+    @classmethod
+    def from_json(cls, text: str, name: str, eot_token: Optional[str] = None) -> "HFTokenizer":
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        return cls(Tokenizer.from_str(text), name=name, eot_token=eot_token)
+
     def state(self) -> dict:
-        return {"name": self.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token}
+        """Plain data identifying this tokenizer: ``sha256`` of its JSON names it by content, so the same
+        tokenizer matches whatever path it was loaded from."""
+        digest = hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token, "sha256": digest}
 
 
 def _load_hf(spec: str):

@@ -189,7 +189,16 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], model: dict[str, An
         if key not in RUN_TIME_OPTIONS and stored_model.get(key) != model.get(key)
     ]
     stored_tok = stored.get("tokenizer")
-    if tokenizer is not None and stored_tok is not None and stored_tok != tokenizer:
+    if tokenizer is not None and stored_tok is not None and not same_tokenizer(stored_tok, tokenizer):
         diffs.append(f"tokenizer: checkpoint {stored_tok!r}, this run {tokenizer!r}")
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match this run's config:\n  " + "\n  ".join(diffs))
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two tokenizer states name the same tokenizer: by content hash when both carry one (the path it
+    was loaded from may differ), else field by field."""
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"] and a.get("eot_token") == b.get("eot_token")
+    strip = lambda state: {k: v for k, v in state.items() if k != "sha256"}  # noqa: E731 (older states carry none)
+    return strip(a) == strip(b)

@@ -31,10 +31,12 @@ from mgqa.lit.checkpoint import (
 )
 from mgqa.lit.csv_logger import truncate_metrics
 from mgqa.lit.datamodule import TextDataModule
+from mgqa.lit.init import apply_init
 from mgqa.lit.loggers import log_config
 from mgqa.lit.module import LanguageModel
 from mgqa.lit.report import final_report
 from mgqa.lit.rundir import RunDirLock, check_resumable_name, save_run_record
+from mgqa.lit.trained import TokenizerInCheckpoint
 from mgqa.lit.validate import validate_config
 from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
@@ -130,7 +132,7 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     if not trainer_cfg.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks += [ConfiguredLearningRate(), FinalValidation()]
+    callbacks += [ConfiguredLearningRate(), FinalValidation(), TokenizerInCheckpoint()]
     loggers = _instantiate_group(cfg.get("logger"), "logger") or False
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if "fsdp" not in str(trainer_cfg.get("strategy", "")).lower():  # FSDP writes sharded checkpoints itself
@@ -193,6 +195,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     """
     run_dir = Path(cfg.run_dir)
     check_resumable_name(cfg)
+    init = apply_init(cfg)  # init.from: the source's architecture into cfg.model, its weights loaded below
     validate_config(cfg)
     model_cfg = resolve_model_config(cfg)
     owner = _launching_rank_zero()
@@ -203,6 +206,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
     ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
+    if init is not None and ckpt_path is None:
+        init.load_into(module.model)
     with RunDirLock(run_dir) if owner else contextlib.nullcontext():
         return _fit(cfg, run_dir, module, datamodule, trainer, ckpt_path, start_step)
 

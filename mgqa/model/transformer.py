@@ -210,6 +210,17 @@ class MGQATransformer(nn.Module):
         """Free the captured decode step and KV cache kept since the last ``generate`` on CUDA."""
         release_decode_step(self)
 
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None) -> "MGQATransformer":
+        """A local Hugging Face Llama-family directory (config.json + safetensors, sharded or not).
+
+        ``max_seq_len`` caps the checkpoint's ``max_position_embeddings`` (the KV cache is sized by it).
+        See ``mgqa.convert.hf_import``.
+        """
+        from mgqa.convert.hf_import import load_hf_model  # noqa: PLC0415 (reads safetensors only when asked)
+
+        return load_hf_model(path, dtype=dtype, max_seq_len=max_seq_len)
+
     def _check_token_ids(self, tokens: torch.Tensor) -> None:
         """An id outside [0, num_tokens) names itself, instead of an embedding ``IndexError`` (CPU) or a
         device-side assert (CUDA). Skipped while compiling or capturing a CUDA graph, and in CUDA

@@ -1,0 +1,28 @@
+"""Sample from a trained checkpoint: `python generate.py ckpt_path=... prompt="..."` or `run_name=X`.
+
+Options: conf/generate.yaml; the work is done by mgqa.lit.generate.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from mgqa.lit.generate import generate
+from mgqa.lit.validate import USER_ERRORS, user_message
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        generate(cfg)
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {user_message(err)}") from None
+
+
+if __name__ == "__main__":
+    main()
