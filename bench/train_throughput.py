@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mgqa.convert.hf_export import to_hf_llama
 from mgqa.model import MGQATransformer, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,61 +99,12 @@ def model_config(shape: dict[str, int], backend: str) -> ModelConfig:
     )
 
 
-def to_hf_llama(model: MGQATransformer) -> torch.nn.Module:
-    """A ``LlamaForCausalLM`` holding ``model``'s weights (Llama-style configs only)."""
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
-
-    cfg = model.config
-    head_dim = cfg.resolved_head_dim
-    hidden = model.attn_layers.blocks[0].ff.w_out.in_features
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.num_tokens,
-        hidden_size=cfg.dim,
-        intermediate_size=hidden,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rotary_base,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="sdpa",
-    )
-    hf = LlamaForCausalLM(hf_cfg).float()
-    q_rows, kv_rows = cfg.heads * head_dim, cfg.kv_heads * head_dim
-    state = {"model.embed_tokens.weight": model.token_emb.weight, "model.norm.weight": model.attn_layers.norm.weight}
-    state["lm_head.weight"] = model.to_logits.weight
-    for i, block in enumerate(model.attn_layers.blocks):
-        q, k, v = block.attn.qkv.weight.split((q_rows, kv_rows, kv_rows))
-        gate, up = block.ff.w_in.weight.chunk(2)
-        prefix = f"model.layers.{i}."
-        state.update({
-            prefix + "input_layernorm.weight": block.attn_norm.weight,
-            prefix + "self_attn.q_proj.weight": q,
-            prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v,
-            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
-            prefix + "post_attention_layernorm.weight": block.ff_norm.weight,
-            prefix + "mlp.gate_proj.weight": gate,
-            prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": block.ff.w_out.weight,
-        })
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
-    return hf
-
-
 def logits_parity(shape: dict[str, int]) -> float:
     """Max |mgqa - HF| of float32 logits for a 2-layer model of the shape's widths (TF32 off)."""
     small = {**shape, "depth": 2}
     torch.manual_seed(0)
     model = MGQATransformer.from_config(model_config(small, "sdpa")).cuda().eval()
-    hf = to_hf_llama(model).cuda().eval()
+    hf = to_hf_llama(model).eval()
     tokens = torch.randint(0, VOCAB, (2, 256), device="cuda")
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -168,7 +120,7 @@ def build(impl: str, shape: dict[str, int]) -> tuple[torch.nn.Module, Callable[[
     torch.manual_seed(0)
     model = MGQATransformer.from_config(model_config(shape, backend)).cuda()
     if impl.startswith("hf"):
-        hf = to_hf_llama(model).cuda()
+        hf = to_hf_llama(model).train()
         runner = torch.compile(hf) if impl == "hf_compiled" else hf
 
         def hf_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

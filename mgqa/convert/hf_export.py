@@ -102,6 +102,25 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None, dtype: str) -> dict[st
     }
 
 
+def to_hf_llama(model: Any, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Any:
+    """``model`` (an ``MGQATransformer``) as an in-memory ``LlamaForCausalLM`` on the same device, with
+    the same weights copied (the peer that the benchmarks time against)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 (the hf extra)
+
+    cfg = model.config
+    config = LlamaConfig(**{k: v for k, v in hf_config(cfg, None, "float32").items() if k not in ("torch_dtype", "dtype")})
+    config._attn_implementation = attn_implementation
+    with torch.device(model.token_emb.weight.device):
+        hf = LlamaForCausalLM(config).to(dtype)
+    state = to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, cfg)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not (cfg.tie_embeddings and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
+    hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None  # never stop early
+    return hf.eval()
+
+
 def hf_tokenizer(tokenizer: Any) -> Any:
     """Our tokenizer as a ``transformers.PreTrainedTokenizerFast`` that encodes to the same ids.
 
