@@ -12,8 +12,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mgqa.lit.config import register_configs
 from mgqa.lit.evaluate import evaluate
 from mgqa.lit.validate import USER_ERRORS, user_message
+
+register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

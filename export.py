@@ -12,10 +12,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mgqa.lit.config import register_configs
 from mgqa.convert.hf_export import check_exportable, export_hf
 from mgqa.lit.trained import load_trained
 from mgqa.lit.validate import USER_ERRORS, user_message
 from mgqa.model import ConfigError
+
+register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -11,8 +11,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mgqa.lit.config import register_configs
 from mgqa.lit.generate import generate
 from mgqa.lit.validate import USER_ERRORS, user_message
+
+register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")

@@ -142,7 +142,7 @@ def test_uptrain_from_a_checkpoint_with_fewer_kv_heads(trained_run, tmp_path):
     assert saved["kv_heads"] == 1 and saved["dim"] == 64  # the source's architecture, not the composed model.dim
     with pytest.raises(ConfigError, match=r"init.kv_heads=3 .*valid values"):
         apply_init(compose(*TINY, BPE, f"init.from={source}", "init.kv_heads=3"))
-    with pytest.raises(ConfigError, match="this run uses 'byte'; set data.tokenizer=data/tokenizers"):
+    with pytest.raises(ConfigError, match="this run uses 'byte'; set data.tokenizer=shakespeare-bpe-2k.json"):
         apply_init(compose(*TINY, f"init.from={source}"))
     with pytest.raises(ConfigError, match="init.alpha is set but init.from is not"):
         apply_init(compose(*TINY, "experiment=uptrain"))
