@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the suite is mostly subprocess runs and Triton's interpreter, one core each.
+TEST_WORKERS ?= auto
 
 .PHONY: install train test test-gpu bench-attention clean
 
@@ -24,7 +26,7 @@ train: $(STAMP)
 
 ## The test suite (CPU; Triton kernels run in the interpreter; GPU tests are skipped without CUDA)
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## GPU-only tests, on a machine with CUDA
 test-gpu: $(STAMP)
