@@ -256,3 +256,15 @@ def test_python_api_names_a_bad_token_id_and_the_reference_backend_keeps_nan():
     assert not reference_attention(q, k, v, causal=False)[:, 2:].isnan().any()
     with pytest.raises(ValueError, match="same dtype, got query torch.float64, key torch.float32"):
         reference_attention(q.double(), k, v, causal=True)
+
+
+def test_a_corpus_shorter_than_one_batch_per_reader_leaves_no_run_directory(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (corpus / name).write_text("a few words only.\n")
+    run_dir = tmp_path / "outputs" / "short"
+    with pytest.raises(USER_ERRORS) as err:
+        train(compose(*TINY, f"run_dir={run_dir}", f"data.files={corpus}/*.txt"))
+    assert "fewer than one batch" in str(err.value)
+    assert not run_dir.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mgqa.data import build_tokenizer
+from mgqa.data import DataError, build_tokenizer
 from mgqa.lit.callbacks import ConfiguredLearningRate, FinalValidation, SignalCheckpoint
 from mgqa.lit.checkpoint import (
     AtomicCheckpointIO,
@@ -208,8 +209,16 @@ def train(cfg: DictConfig) -> Optional[float]:
     ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
     if init is not None and ckpt_path is None:
         init.load_into(module.model)
-    with RunDirLock(run_dir) if owner else contextlib.nullcontext():
-        return _fit(cfg, run_dir, module, datamodule, trainer, ckpt_path, start_step)
+    new_dir = owner and ckpt_path is None and not run_dir.exists()
+    try:
+        with RunDirLock(run_dir) if owner else contextlib.nullcontext():
+            return _fit(cfg, run_dir, module, datamodule, trainer, ckpt_path, start_step)
+    except DataError:
+        # Some data faults show only while the data is set up (a corpus shorter than one batch per
+        # reader needs the counting pass): a fresh run refused that way leaves no directory behind.
+        if new_dir and not checkpoint_candidates(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _fit(
