@@ -89,8 +89,9 @@ class TrainingThroughput(ThroughputMonitor):
         self._steps += 1
         if self._steps == self.warmup_steps and trainer.is_global_zero:
             seconds = time.perf_counter() - (self._fit_start or time.perf_counter())
+            steps = "first step" if self.warmup_steps == 1 else f"first {self.warmup_steps} steps"
             rank_zero_info(
-                f"first {self.warmup_steps} step(s) took {seconds:.1f} s (compilation and warm-up; "
+                f"{steps} took {seconds:.1f} s (warm-up, and compilation where compile is on; "
                 "left out of train/tokens_per_s)"
             )
             self._start(trainer)  # the windows begin after the warm-up
