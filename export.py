@@ -12,8 +12,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mgqa.lit.config import register_configs
 from mgqa.convert.hf_export import check_exportable, export_hf
+from mgqa.lit.config import register_configs
 from mgqa.lit.trained import load_trained
 from mgqa.lit.validate import USER_ERRORS, user_message
 from mgqa.model import ConfigError
