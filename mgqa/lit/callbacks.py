@@ -49,13 +49,11 @@ class TrainingThroughput(ThroughputMonitor):
         super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)
         self.warmup_steps = warmup_steps
         self._steps = 0
-        self._fit_start: float | None = None
         self._flops_since_update = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)  # starts the training clock (``_t0s``)
         self._steps, self._flops_since_update = 0, 0
-        self._fit_start = time.perf_counter()
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
         stage = trainer.state.stage
@@ -88,7 +86,7 @@ class TrainingThroughput(ThroughputMonitor):
             return
         self._steps += 1
         if self._steps == self.warmup_steps and trainer.is_global_zero:
-            seconds = time.perf_counter() - (self._fit_start or time.perf_counter())
+            seconds = time.perf_counter() - self._t0s[RunningStage.TRAINING]
             steps = "first step" if self.warmup_steps == 1 else f"first {self.warmup_steps} steps"
             rank_zero_info(
                 f"{steps} took {seconds:.1f} s (warm-up, and compilation where compile is on; "

@@ -59,6 +59,7 @@ class LanguageModel(L.LightningModule):
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
         self.flops_per_batch: Optional[int] = None  # read by ThroughputMonitor for MFU
+        self._flops_per_token: dict[int, int] = {}  # by sequence length
         self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
@@ -86,7 +87,10 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         inputs = batch[0]  # (B, N)
-        self.flops_per_batch = inputs.numel() * self.model.training_flops_per_token(inputs.shape[1])
+        seq_len = inputs.shape[1]
+        if seq_len not in self._flops_per_token:  # counts the parameters: once, not every step
+            self._flops_per_token[seq_len] = self.model.training_flops_per_token(seq_len)
+        self.flops_per_batch = inputs.numel() * self._flops_per_token[seq_len]
         loss = self._loss(batch)
         # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
