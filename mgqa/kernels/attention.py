@@ -148,25 +148,25 @@ FWD_SOFTMAX = int(os.environ.get("MGQA_TRITON_FWD_SOFTMAX", "0"))
 
 # dK/dV kernel, programs that own one query head (MHA, or a group split down to one head each): one
 # query loop with the causal mask on every block, flattened with the head loop, instead of a masked
-# and an unmasked loop (bench/NOTES.md, v8). "auto": there only; "1": every shape; "0": never.
+# and an unmasked loop. "auto": there only; "1": every shape; "0": never.
 DKDV_ONE_LOOP = _env_choice("MGQA_TRITON_DKDV_ONE_LOOP", "auto", ("auto", "0", "1"))
 
 FORCE_DKDV_SPLITS: Optional[int] = None  # tests pin the split count; must divide the group
 
-# Launch order under a causal mask (bench/NOTES.md, v9). "sections": the dK/dV kernel's programs go
+# Launch order under a causal mask. "sections": the dK/dV kernel's programs go
 # in sections of a few KV heads' work (sized to share L2), the longest programs (first key blocks)
 # of the whole section first, so the launch ends on short programs. "grid": one KV head's programs
 # after another (each head's longest first), which can leave a few long programs running alone.
 CAUSAL_ORDER = _env_choice("MGQA_TRITON_CAUSAL_ORDER", "sections", ("sections", "grid"))
 # Forward kernel. "auto": on sm_90, the warp-specialised Gluon kernel (attention_fwd_ws; head_dim 128,
 # fp16/bf16) where it applies, as its persistent variant (one program per SM walking the query
-# tiles; bench/NOTES.md, v20), the tl kernel elsewhere; "tiles": the Gluon kernel with one program
+# tiles), the tl kernel elsewhere; "tiles": the Gluon kernel with one program
 # per query tile; "tl": always the tl kernel.
 FWD_IMPL = _env_choice("MGQA_TRITON_FWD_IMPL", "auto", ("auto", "tiles", "tl"))
 # dK/dV kernel of the deterministic backward, likewise: "auto" takes the warp-specialised Gluon kernel
 # (attention_bwd_ws) where it applies, as its persistent variant (one program per SM walking a list of
 # key tiles) where each tile's program would cover one query head (MHA), since there the per-tile
-# set-up it hides is largest (bench/NOTES.md, v19), else one program per key tile; "tiles": one
+# set-up it hides is largest, else one program per key tile; "tiles": one
 # program per key tile always; "persistent": the persistent variant wherever the Gluon kernel runs
 # (it does not split the query group); "tl": always the tl kernel.
 BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tiles", "persistent", "tl"))
@@ -174,25 +174,22 @@ BWD_IMPL = _env_choice("MGQA_TRITON_BWD_IMPL", "auto", ("auto", "tiles", "persis
 # (attention_dq_ws, which also writes delta) where it applies; "tl": always the tl kernel.
 DQ_IMPL = _env_choice("MGQA_TRITON_DQ_IMPL", "auto", ("auto", "tl"))
 _gluon_modules: dict = {}  # module name -> the module once imported, or why it cannot be
-# Below this many keys the tl forward runs. Before the Gluon forward was persistent its per-program
-# set-up made it lose below 2k keys, 4k under a causal mask (bench/NOTES.md, v11); persistent, it
-# pays that once per SM, and on an H100 its kernel ran 11-18% faster than the tl one at 2k causal
-# and 1k non-causal, level at 1k causal (bench/NOTES.md, v20c). Shorter lengths were not measured.
-# Tests lower both.
+# Below this many keys the tl forward runs: the Gluon forward's per-program set-up, paid once per SM
+# by the persistent kernel, outweighs its faster tiles only on short sequences; lengths below 1k keys
+# were not measured (bench/NOTES.md). Tests lower both.
 WS_MIN_KEYS = 1024
 WS_MIN_KEYS_CAUSAL = 1024
 # Below this many programs per SM the Gluon dK/dV kernel splits the query group over more programs
 # (float32 partials, summed afterwards), at most WS_BWD_MAX_SPLITS ways; where that is not enough the
-# tl kernel, which splits the group too, runs instead. Tests set the minimum to 0. Splitting gained
-# 1-7% forward+backward on MQA shapes over the tl kernel on an H100 (bench/NOTES.md, v15); 8 bounds
-# the float32 partials to 8 x (B, Hkv, Nk, D) each for dK and dV.
+# tl kernel, which splits the group too, runs instead. Tests set the minimum to 0. 8 bounds the
+# float32 partials to 8 x (B, Hkv, Nk, D) each for dK and dV.
 WS_BWD_MIN_PROGRAMS_PER_SM = 2
 WS_BWD_MAX_SPLITS = 8
 # Under a causal mask the split goes further where the group allows: to this many times the minimum
 # above. The launch order there runs each section from its longest key tiles to its shortest; with
 # few, large chunks a section holds fewer programs than run at once, and the long programs of the
-# last sections finish alone. Twice the programs took MQA's causal dK/dV from 2099 to 1795 µs at 4k
-# on an H100 (4 -> 8 splits), level at 16k and 3% slower without the mask (bench/NOTES.md, v19).
+# last sections finish alone; without the mask the programs cost the same and the extra splits only
+# add partials, so the factor applies under a causal mask only (bench/NOTES.md).
 WS_BWD_CAUSAL_PROGRAMS_FACTOR = 2
 
 
@@ -299,11 +296,11 @@ _SECTION_L2_SHARE = 0.65  # of the L2 cache, for the data a section's programs s
 _SECTION_WAVES = 4  # programs per section: at least this many times the SM count, where L2 allows
 EVEN_SECTIONS = True  # _sections: the same number of chunks in every section, where it knows the launch
 # The persistent Gluon dK/dV kernel writes dK/dV by the copy engine, through the tile's K/V buffers,
-# instead of from registers: 4-6% off MHA's 4k causal dK/dV on an H100 (bench/NOTES.md, v19).
+# instead of from registers, so the stores leave the consumers' registers free sooner.
 WS_DKDV_TMA_STORE = True
 # The Gluon dQ kernel issues each key block's dQ matmul together with the next block's S and dP, and
-# computes dS under it (2-9% off the dQ kernel on an H100; bench/NOTES.md, v20). Opt-in, measured
-# level or slower: the Gluon forward's and dQ kernel's two consumer warpgroups taking turns to issue
+# computes dS under it, so the tensor cores stay busy through the softmax work. Opt-in, measured
+# level or slower (bench/NOTES.md): the Gluon forward's and dQ kernel's two consumer warpgroups taking turns to issue
 # their matmuls (FlashAttention-3's ping-pong schedule; the dQ kernel's needs the overlap, the
 # forward's applies to one program per query tile, MGQA_TRITON_FWD_IMPL=tiles).
 WS_DQ_OVERLAP = True
@@ -312,9 +309,9 @@ WS_DQ_PINGPONG = False
 # Under a causal mask the persistent forward's programs take the query tiles from host-made
 # first-free lists (attention_fwd_ws.forward_schedule) instead of positions p, p + P, ... (without a
 # mask every tile costs the same and the two assignments are equal): in the launch model
-# (bench/forward_walk_model.py) the strided walk ends 5-12% past the ideal for MHA under a causal
-# mask (4k-16k) and 3% for GQA, the first-free lists 0-3.5%. On an H100 the forward kernel ran
-# 4-8% faster at 4k-8k causal and 8-19% at MHA 16k causal (bench/NOTES.md, v20b).
+# (bench/forward_walk_model.py) the strided walk leaves programs idle at the end because causal tiles
+# cost unequal work, while handing each tile to the program that frees up first keeps them finishing
+# together (measurements: bench/NOTES.md).
 WS_FWD_FIRST_FREE = True
 
 

@@ -45,9 +45,9 @@ from mgqa.kernels.gluon_common import (  # noqa: F401 (first_free_schedule: also
 
 BLOCK_M = 64  # queries per step
 BLOCK_N = 64  # keys per consumer warpgroup (a program owns 2 * BLOCK_N)
-# (Q/dO buffers, lse/delta loaded one step ahead) per causal flag, the best of
-# bench/ws_dkdv_variants.py on an H100 (bench/NOTES.md, v12). 4 buffers: 4 x 32 KB + 64 KB of K/V.
-# Under a causal mask the look-ahead costs more registers than it saves (spills grow 284 -> 416 B).
+# (Q/dO buffers, lse/delta loaded one step ahead) per causal flag, the fastest pair that
+# bench/ws_dkdv_variants.py found (bench/NOTES.md). 4 buffers: 4 x 32 KB + 64 KB of K/V. Under a
+# causal mask the look-ahead costs more registers than it saves, so it spills more.
 SETTINGS = {False: (4, True), True: (3, False)}
 # The same with dQ computed too (``launch(dq_acc=...)``): 64 KB more shared memory (the dS buffers and
 # each warpgroup's dQ tile on its way to the reductions), so 3 Q/dO buffers; no look-ahead (it spills).
@@ -383,7 +383,7 @@ def _attn_bwd_dkdv_ws(
                         (_bwd_producer, (args, DQ))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# The persistent variant (bench/NOTES.md v14; the default for MHA since v19): one program per SM
+# The persistent variant (the default for MHA, where the per-tile set-up it hides is largest): one program per SM
 # walks a list of key tiles made on the host (``persistent_schedule``): every tile, in the launch
 # order above, goes to the program that frees up first, as the hardware would start one-tile
 # programs, so the tiles running at once stay neighbours in that order (sharing Q/dO in L2) and
@@ -628,7 +628,7 @@ def launch(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, qk_scale: float,
     (``group_splits``; not with ``persistent``); ``dq_acc``: a zeroed float32 (B, H, rows, 128) buffer,
     rows a multiple of BLOCK_M and at least Nq, into which the kernel also adds dS K (unscaled dQ,
     atomics; not with ``persistent``); ``tma_store``: the persistent kernel writes dK/dV by the copy
-    engine (bench/NOTES.md, v19). The caller has set Triton's allocator (in-kernel descriptors need
+    engine. The caller has set Triton's allocator (in-kernel descriptors need
     global scratch)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]

@@ -1,6 +1,6 @@
 """Warp-specialised dQ kernel for Hopper (sm_90), written in Gluon: the forward's structure
 (``attention_fwd_ws``) applied to the backward's query-block loop. Runs by default where it applies;
-``MGQA_TRITON_DQ_IMPL=tl`` takes the tl kernel instead (bench/NOTES.md, v13).
+``MGQA_TRITON_DQ_IMPL=tl`` takes the tl kernel instead (measurements: bench/NOTES.md).
 
 One program owns ``2 * BLOCK_M`` query rows of one query head:
 

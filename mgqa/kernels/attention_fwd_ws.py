@@ -1,6 +1,6 @@
 """Warp-specialised forward kernel for Hopper (sm_90), written in Gluon, Triton's lower-level dialect.
 
-The structure FlashAttention-3 uses, which plain ``tl`` code cannot express (bench/NOTES.md, v5, v6):
+The structure FlashAttention-3 uses, which plain ``tl`` code cannot express:
 
 - a one-warp *producer* issues every TMA load: the program's two Q tiles, then K/V blocks through
   ``STAGES`` shared-memory buffers, each refilled once both consumers have released it;
@@ -12,10 +12,10 @@ The structure FlashAttention-3 uses, which plain ``tl`` code cannot express (ben
   ping-pong schedule): one warpgroup's matmuls run while the other computes its softmax, instead of
   both issuing at once and then both leaving the tensor cores idle. Each warpgroup takes one turn
   per key block the program streams, plus one for its last P·V, whether or not it needs the block,
-  so that the two always take the same number of turns (opt-in: measured level or slower, v20).
+  so that the two always take the same number of turns (opt-in: measured level or slower).
 
 ``_attn_fwd_ws`` runs one program per query tile of ``2 * BLOCK_M`` rows; ``_attn_fwd_ws_persistent``
-(the default since v20) one program per SM, walking the tiles, each tile's Q load and first K/V
+(the default) one program per SM, walking the tiles, each tile's Q load and first K/V
 loads overlapping the previous tile's last P·V and output store. Both run the same tile body
 (``_consume_tile``).
 
