@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mgqa.model.config import ConfigError, ModelConfig
+from mgqa.model.layers import swiglu_hidden
 
 # (our option, the value Llama needs, what a user sets)
 LLAMA_REQUIREMENTS = (
@@ -37,18 +38,13 @@ def check_exportable(cfg: ModelConfig) -> None:
         )
 
 
-def swiglu_hidden(cfg: ModelConfig) -> int:
-    """The SwiGLU hidden width of ``cfg`` (mgqa.model.layers.FeedForward)."""
-    return int(round(cfg.ff_mult * cfg.dim * 2 / 3 / 8)) * 8 or 8
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> ``LlamaForCausalLM`` names. The fused ``attn.qkv`` rows are q (heads * D),
     k (kv_heads * D), v (kv_heads * D); ``ff.w_in`` rows are gate, then up (value)."""
     check_exportable(cfg)
     d = cfg.resolved_head_dim
     q_w, kv_w = cfg.heads * d, cfg.kv_heads * d
-    hidden = swiglu_hidden(cfg)
+    hidden = swiglu_hidden(cfg.dim, cfg.ff_mult)
     out = {"model.embed_tokens.weight": state["token_emb.weight"], "model.norm.weight": state["attn_layers.norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["to_logits.weight"]
@@ -78,7 +74,7 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None, dtype: str) -> dict[st
         "model_type": "llama",
         "vocab_size": cfg.num_tokens,
         "hidden_size": cfg.dim,
-        "intermediate_size": swiglu_hidden(cfg),
+        "intermediate_size": swiglu_hidden(cfg.dim, cfg.ff_mult),
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.heads,
         "num_key_value_heads": cfg.kv_heads,

@@ -36,7 +36,7 @@ from mgqa.kernels import attention_bwd, attention_fwd, decode
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
 FP32_POINTERS = ("Lse", "Delta", "DQ_ACC", "PartOut", "PartLse")  # DQ_ACC: the atomic-dQ buffer (the Gluon kernel's is unused without DQ)
-INT32_POINTERS = ("Schedule", "Rounds", "Lengths")  # the persistent dK/dV kernel's tile lists
+INT32_POINTERS = ("Schedule", "Rounds", "Lengths")  # the persistent kernels' tile lists; decode lengths
 
 
 def _constexpr_defaults(fn) -> dict:

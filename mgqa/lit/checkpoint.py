@@ -48,15 +48,14 @@ def first_line(err: BaseException) -> str:
 
 def nonfinite_tensors(checkpoint: dict[str, Any], limit: int = 3) -> list[str]:
     """Names of up to ``limit`` floating-point tensors of the weights (``state_dict``) and optimizer
-    states that hold NaN or infinity; empty when the state is finite."""
-    found: list[str] = []
+    states that hold NaN or infinity; empty when the state is finite. One host sync per device for a
+    finite state (the common case), not one per tensor."""
+    tensors: list[tuple[str, torch.Tensor]] = []
 
     def visit(name: str, value: Any) -> None:
-        if len(found) >= limit:
-            return
         if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                found.append(name)
+            if value.is_floating_point() and value.numel():
+                tensors.append((name, value))
         elif isinstance(value, dict):
             for key, item in value.items():
                 visit(f"{name}.{key}" if name else str(key), item)
@@ -66,7 +65,12 @@ def nonfinite_tensors(checkpoint: dict[str, Any], limit: int = 3) -> list[str]:
 
     visit("", checkpoint.get("state_dict", {}))
     visit("optimizer_states", checkpoint.get("optimizer_states", []))
-    return found
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for _, value in tensors:
+        flags.setdefault(value.device, []).append(torch.isfinite(value).all())
+    if all(bool(torch.stack(device_flags).all()) for device_flags in flags.values()):
+        return []
+    return [name for name, value in tensors if not bool(torch.isfinite(value).all())][:limit]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -101,9 +101,12 @@ def _instantiate_group(group: Optional[DictConfig], name: str) -> list[Any]:
     return objects
 
 
-def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
-    """Validate the config, then build the LightningModule, DataModule and Trainer (no data read yet)."""
-    model_cfg = resolve_model_config(cfg)
+def build(
+    cfg: DictConfig, model_cfg: Optional[ModelConfig] = None
+) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
+    """Validate the config, then build the LightningModule, DataModule and Trainer (no data read yet).
+    ``model_cfg``: the config's model, already resolved (``resolve_model_config``)."""
+    model_cfg = model_cfg or resolve_model_config(cfg)
     try:
         datamodule: TextDataModule = instantiate(cfg.data)
     except InstantiationException as err:
@@ -146,15 +149,17 @@ def build(cfg: DictConfig) -> tuple[LanguageModel, TextDataModule, L.Trainer]:
     return module, datamodule, trainer
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig) -> tuple[Optional[Path], int]:
+def resolve_resume(
+    cfg: DictConfig, run_dir: Path, model_cfg: ModelConfig, tokenizer: dict[str, Any]
+) -> tuple[Optional[Path], int]:
     """The checkpoint to resume from (None: a fresh start) and its optimizer step.
 
     ``ckpt_path=last`` picks the newest loadable checkpoint of the run directory and starts fresh,
     with a notice, when there is none. A fresh start never overwrites an earlier run's checkpoints.
-    The checkpoint must match the run's model and tokenizer.
+    The checkpoint must match the run's model and ``tokenizer`` (the data module's, so its
+    end-of-text token is the one this run uses).
     """
     requested = cfg.get("ckpt_path")
-    tokenizer = build_tokenizer(cfg.data.tokenizer).state()
     if requested is None:
         existing = checkpoint_candidates(run_dir)
         if existing:
@@ -205,8 +210,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
-    module, datamodule, trainer = build(cfg)
-    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg)
+    module, datamodule, trainer = build(cfg, model_cfg)
+    ckpt_path, start_step = resolve_resume(cfg, run_dir, model_cfg, datamodule.tokenizer.state())
     if init is not None and ckpt_path is None:
         init.load_into(module.model)
     new_dir = owner and ckpt_path is None and not run_dir.exists()

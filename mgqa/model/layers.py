@@ -27,6 +27,11 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
+def swiglu_hidden(dim: int, mult: float) -> int:
+    """SwiGLU's hidden width: 2/3 of ``mult * dim`` (keeping a GELU MLP's parameter count), a multiple of 8."""
+    return int(round(mult * dim * 2 / 3 / 8)) * 8 or 8
+
+
 class FeedForward(nn.Module):
     """GELU MLP (dim -> mult*dim -> dim) or SwiGLU (Shazeer 2020) with 2/3 of that width."""
 
@@ -34,7 +39,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "swiglu":
-            hidden = int(round(mult * dim * 2 / 3 / 8)) * 8 or 8  # keep the parameter count of a GELU MLP
+            hidden = swiglu_hidden(dim, mult)
             self.w_in = nn.Linear(dim, 2 * hidden, bias=bias)  # gate and value, fused
         else:
             hidden = int(mult * dim)

@@ -68,7 +68,3 @@ class StaticKVCache:
         """Every sequence grew by n positions (in place: a captured step keeps the same tensor)."""
         self.lengths += n
 
-    def bytes_per_token(self) -> int:
-        """Cache bytes one position costs across all layers (K and V)."""
-        k = self.keys[0]
-        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
