@@ -1,13 +1,31 @@
-"""Triton helpers shared by the forward and backward attention kernels: which query block and
-heads a program owns, how it reads K/V tiles, and which key blocks need masks.
-
-All are ``@triton.jit`` functions, inlined into the kernels that call them.
+"""Helpers shared by the plain-Triton attention kernels: which query block and heads a program owns,
+how it reads K/V tiles, which key blocks need masks (``@triton.jit``, inlined into the kernels), and
+the autotuned wrapper of a kernel.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from mgqa.kernels import plan as _plan
+
+
+def autotuned(kernel, kind: str, key: list[str]):
+    """``kernel`` under Triton's autotuner, timing the plan's candidate tiles (``plan.tl_configs``)
+    that fit the call's head_dim and dtype."""
+    table = {"fwd": _plan.TL_FWD_CONFIGS, "dq": _plan.TL_DQ_CONFIGS, "dkdv": _plan.TL_DKDV_CONFIGS}[kind]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+               for bm, bn, w, s, r in table]
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        elem = named_args["Q"].element_size()
+        kept = [c for c in configs if _plan.tile_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                                                      c.maxnreg, block_d, elem)]
+        return kept or configs[-1:]
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 @triton.jit
