@@ -55,7 +55,7 @@ class BackendUnavailable(RuntimeError):
 def _triton_module():
     """The Triton kernels module, or a string saying why it can't be used."""
     try:
-        from mgqa.kernels import attention as triton_kernels  # noqa: PLC0415 (optional dependency)
+        import mgqa.kernels as triton_kernels  # noqa: PLC0415 (optional dependency)
     except ImportError as err:  # triton missing, or the kernels not built for this platform
         return f"mgqa's Triton kernels could not be imported ({err})"
     return triton_kernels
@@ -167,6 +167,7 @@ def attention(
     """
     _check_shapes(q, k, v)
     fn: Callable[..., torch.Tensor]
+    triton_reason: Optional[str] = ""  # "" until asked, so that a routed call checks the inputs once
     if backend == "auto":
         on_cuda = q.is_cuda
         if on_cuda and dropout_p == 0.0 and q.shape[2] <= 8 and k.shape[2] > q.shape[2] and not _needs_grad(q, k, v):
@@ -182,7 +183,8 @@ def attention(
             cudnn_ready=on_cuda and _cudnn_attention_ready(device_index),
             dtype=q.dtype,
             head_dim=q.shape[-1],
-            triton_unsupported=_triton_unsupported_reason(q, k, v) if on_cuda and dropout_p == 0.0 else None,
+            triton_unsupported=(triton_reason := _triton_unsupported_reason(q, k, v)) if on_cuda and dropout_p == 0.0
+            else None,
         )
         _announce(choice, reason)
         backend = choice
@@ -195,11 +197,10 @@ def attention(
             raise BackendUnavailable(
                 f"backend='triton' has no attention dropout (dropout_p={dropout_p}); use 'sdpa' or set dropout to 0"
             )
-        why_not = _triton_unsupported_reason(q, k, v)
+        why_not = triton_reason if triton_reason != "" else _triton_unsupported_reason(q, k, v)
         if why_not:
             raise BackendUnavailable(f"backend='triton' cannot run these inputs: {why_not}")
-        fn = _triton_module().triton_attention
-        return fn(q, k, v, causal=causal, scale=scale)
+        return _triton_module().run_checked(q, k, v, causal, scale)  # checked once, just above
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     return fn(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
