@@ -1,9 +1,14 @@
 """GQA training attention: mgqa's Triton kernels against PyTorch's own, on one CUDA GPU.
 
 For each shape (B*N = 16k tokens, H = 32 query heads) it times forward and forward+backward of
-mgqa-triton, SDPA flash, SDPA cuDNN and FlexAttention (compiled), all with ``enable_gqa=True``,
+mgqa's kernels, SDPA flash, SDPA cuDNN and FlexAttention (compiled), all with ``enable_gqa=True``,
 checks mgqa's output and gradients against SDPA flash, and measures peak memory of
-forward+backward against repeat-K/V + SDPA flash. Prints a table and writes JSON.
+forward+backward against repeat-K/V + SDPA flash. Prints a table and writes JSON, with the kernel
+plan mgqa ran for each shape (``AttentionPlan.describe()``).
+
+mgqa's implementations differ only in the ``KernelOptions`` they pass: ``mgqa`` is the default
+plan, ``mgqa_tl`` the plain-Triton fallback (``KernelOptions(gluon=False)``, what non-Hopper GPUs
+run). ``--no-autotune`` gives both ``autotune=False`` (the first launch config that fits).
 
 FLOPs: forward = 4*B*H*N^2*D (halved when causal); forward+backward = 3.5 x forward.
 
@@ -36,18 +41,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mgqa.kernels import attention as mgqa_kernels
-
-# The flags as set by their environment variables (MGQA_TRITON_*) or module defaults; each variant
-# overrides some.
-DEFAULT_FLAGS = {name: getattr(mgqa_kernels, name) for name in ("USE_TMA", "DETERMINISTIC", "CAUSAL_ORDER", "FWD_IMPL",
-                                                                "BWD_IMPL", "DQ_IMPL", "WS_BWD_MAX_SPLITS",
-                                                                "WS_BWD_MIN_PROGRAMS_PER_SM", "WS_BWD_CAUSAL_PROGRAMS_FACTOR",
-                                                                "EVEN_SECTIONS", "FORCE_SECTION_CHUNKS",
-                                                                "WS_DKDV_TMA_STORE", "WS_FWD_PINGPONG",
-                                                                "WS_DQ_OVERLAP", "WS_DQ_PINGPONG", "WS_FWD_FIRST_FREE",
-                                                                "WS_MIN_KEYS", "WS_MIN_KEYS_CAUSAL",
-                                                                "SECTION_KERNELS")}
+from mgqa.kernels import DeviceProps, KernelOptions, plan_attention, triton_attention
 
 TOKENS = 16384
 HEADS = 32
@@ -101,61 +95,37 @@ def flex(q, k, v, causal):
     return _flex_compiled(q, k, v, block_mask=mask, enable_gqa=True)
 
 
-def mgqa(q, k, v, causal):
-    """mgqa's Triton kernels; the variants below run the same call with module flags changed."""
-    return mgqa_kernels.triton_attention(q, k, v, causal=causal)
-
-
-# mgqa variants: the module flags each one changes (the bench loop sets them before timing it).
-MGQA_VARIANTS = {
-    "mgqa": {},
-    "mgqa_no_tma": {"USE_TMA": False},  # plain pointer loads instead of tensor descriptors
-    "mgqa_atomic_dq": {"DETERMINISTIC": False},  # dQ by fp32 atomics inside the dK/dV kernel
-    "mgqa_grid_order": {"CAUSAL_ORDER": "grid"},  # chunk-by-chunk launch order under a causal mask
-    "mgqa_tl_fwd": {"FWD_IMPL": "tl"},  # the tl forward where the Gluon one would run
-    "mgqa_tl_bwd": {"BWD_IMPL": "tl"},  # the tl dK/dV kernel where the Gluon one would run
-    "mgqa_persistent_bwd": {"BWD_IMPL": "persistent"},  # the persistent Gluon dK/dV kernel (v14), GQA too
-    "mgqa_tiles_bwd": {"BWD_IMPL": "tiles"},  # MHA too: one Gluon dK/dV program per key tile
-    # the persistent dK/dV kernel (MHA) storing dK/dV from registers, as before v19
-    "mgqa_dkdv_register_store": {"WS_DKDV_TMA_STORE": False},
-    # the Gluon dQ kernel issuing each block's dQ matmul after that block's S and dP, not with the
-    # next block's (as before v20)
-    "mgqa_dq_serial": {"WS_DQ_OVERLAP": False, "WS_DQ_PINGPONG": False},
-    # the Gluon forward's (one program per query tile) and dQ kernel's consumers taking turns to
-    # issue matmuls (ping-pong, v20)
-    "mgqa_fwd_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles"},
-    "mgqa_dq_pingpong": {"WS_DQ_PINGPONG": True},
-    "mgqa_pingpong": {"WS_FWD_PINGPONG": True, "FWD_IMPL": "tiles", "WS_DQ_PINGPONG": True},
-    # the Gluon forward with one program per query tile, not persistent (as before v20)
-    "mgqa_fwd_tiles": {"FWD_IMPL": "tiles"},
-    # v20: the persistent forward walking positions p, p + P, ... of the launch order, not the
-    # host-made first-free lists
-    "mgqa_v20": {"WS_FWD_FIRST_FREE": False},
-    # v20b: the tl forward below 2k keys, 4k under a causal mask (the Gluon one from 1k since v20c)
-    "mgqa_v20b": {"WS_MIN_KEYS": 2048, "WS_MIN_KEYS_CAUSAL": 4096},
-    # both v20 defaults undone: the forward and dQ kernels as in v19
-    "mgqa_v19": {"FWD_IMPL": "tiles", "WS_DQ_OVERLAP": False},
-    "mgqa_no_ws_split": {"WS_BWD_MAX_SPLITS": 1},  # MQA-like shapes: the tl dK/dV kernel, not the split Gluon one
-    # MQA-like shapes: the Gluon dK/dV kernel's query group split 2 or 4 times as often as the default
-    # (smaller chunks of Q/dO to share through L2, more float32 partials to sum)
-    "mgqa_ws_split_x2": {"WS_BWD_MIN_PROGRAMS_PER_SM": 4, "WS_BWD_MAX_SPLITS": 32},
-    "mgqa_ws_split_x4": {"WS_BWD_MIN_PROGRAMS_PER_SM": 8, "WS_BWD_MAX_SPLITS": 32},
-    # causal shapes split as unmasked ones do (the rule before v19)
-    "mgqa_ws_causal_split_off": {"WS_BWD_CAUSAL_PROGRAMS_FACTOR": 1},
-    # the dK/dV launch order's sections as many chunks as fit in L2, the last one short (before v19)
-    "mgqa_ragged_sections": {"EVEN_SECTIONS": False},
-    # the dK/dV rules before v19 together (one program per key tile, causal splits and sections as above)
-    # causal dK/dV sections of 4 or 8 chunks (fewer Q/dO chunks shared through L2 at once)
-    "mgqa_sections_4": {"FORCE_SECTION_CHUNKS": 4},
-    "mgqa_sections_8": {"FORCE_SECTION_CHUNKS": 8},
-    "mgqa_v18_rules": {"BWD_IMPL": "tiles", "WS_BWD_CAUSAL_PROGRAMS_FACTOR": 1, "EVEN_SECTIONS": False},
-    "mgqa_tl_dq": {"DQ_IMPL": "tl"},  # the tl dQ kernel where the Gluon one would run
-    # the Gluon forward and dQ kernels in the sectioned causal launch order too
-    "mgqa_ws_sections": {"SECTION_KERNELS": ("dkdv", "ws_fwd", "ws_dq")},
+# mgqa's implementations: the KernelOptions fields each one sets (the rest keep their defaults).
+MGQA_OPTIONS = {
+    "mgqa": {},  # the default plan
+    "mgqa_tl": {"gluon": False},  # the plain-Triton fallback: no Gluon kernel anywhere
 }
+PEERS = {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flex": flex}
+IMPLS = (*MGQA_OPTIONS, *PEERS)
 
-IMPLS = {**{name: mgqa for name in MGQA_VARIANTS}, "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flex": flex}
+
+def kernel_options(name: str, autotune: bool = True) -> KernelOptions:
+    """The KernelOptions of mgqa implementation ``name``."""
+    return KernelOptions(autotune=autotune, **MGQA_OPTIONS[name])
+
+
+def implementation(name: str, autotune: bool = True):
+    """``fn(q, k, v, causal)`` of implementation ``name``; mgqa's with that implementation's options."""
+    if name in PEERS:
+        return PEERS[name]
+    options = kernel_options(name, autotune)
+
+    def run(q, k, v, causal):
+        return triton_attention(q, k, v, causal=causal, options=options)
+
+    return run
+
+
+def plan_of(q, k, causal, options: KernelOptions):
+    """The AttentionPlan mgqa's kernels follow for these inputs (q (B, H, Nq, D), k (B, Hkv, Nk, D))."""
+    batch, heads, n_q, head_dim = q.shape
+    return plan_attention(batch, heads, k.shape[1], n_q, k.shape[2], head_dim, q.dtype, causal, head_dim ** -0.5,
+                          DeviceProps.of(q.device), options)
 
 
 def parse_impls(parser: argparse.ArgumentParser, text: str, *extra: str) -> list[str]:
@@ -216,16 +186,10 @@ def make_inputs(head_dim, kv_heads, n, dtype):
     return q, k, v, do
 
 
-def set_mgqa_flags(name):
-    """Set the module flags of mgqa variant ``name``; any other name restores the defaults."""
-    for flag, value in {**DEFAULT_FLAGS, **MGQA_VARIANTS.get(name, {})}.items():
-        setattr(mgqa_kernels, flag, value)
-
-
 def warm_worker(task):
     """Run forward+backward once per shape for every compiled implementation (fills the caches);
     returns what failed, for the timing process to report."""
-    shape_list, impls, dtype_name = task
+    shape_list, impls, dtype_name, autotune = task
     torch._dynamo.config.cache_size_limit = 256
     failures = []
     for head_dim, kv_heads, n, causal in shape_list:
@@ -233,16 +197,15 @@ def warm_worker(task):
         for name in impls:
             if name.startswith("sdpa"):
                 continue
-            set_mgqa_flags(name)
             try:
-                IMPLS[name](q, k, v, causal).backward(do)
+                implementation(name, autotune)(q, k, v, causal).backward(do)
             except Exception as err:  # the timing process times it again and records the error
                 failures.append(f"{name} at {head_dim},{kv_heads},{n},{int(causal)}: {type(err).__name__}")
     torch.cuda.synchronize()
     return failures
 
 
-def warm_up(shape_list, impls, dtype_name, workers, timeout_s, worker=None):
+def warm_up(shape_list, impls, dtype_name, workers, timeout_s, worker=None, autotune=True):
     """Shapes that differ only in N share kernel binaries: one worker per (D, Hkv, causal) group.
     Prints each group as it finishes. A group whose worker dies or is still compiling after
     ``timeout_s`` is named and left to compile while timing; the others' kernels stay cached.
@@ -252,7 +215,7 @@ def warm_up(shape_list, impls, dtype_name, workers, timeout_s, worker=None):
         groups[(shape[0], shape[1], shape[3])].append(shape)
     pool = ProcessPoolExecutor(min(workers, len(groups)), mp_context=mp.get_context("spawn"))
     start = time.time()
-    futures = {pool.submit(worker or warm_worker, (group, impls, dtype_name)): key for key, group in groups.items()}
+    futures = {pool.submit(worker or warm_worker, (group, impls, dtype_name, autotune)): key for key, group in groups.items()}
     try:
         for future in as_completed(futures, timeout=timeout_s):
             head_dim, kv_heads, causal = futures[future]
@@ -274,13 +237,18 @@ def warm_up(shape_list, impls, dtype_name, workers, timeout_s, worker=None):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
+def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1, autotune=True):
     batch = TOKENS // n
     q, k, v, do = make_inputs(head_dim, kv_heads, n, dtype)
     flops = 4 * batch * HEADS * n * n * head_dim * (0.5 if causal else 1.0)
     row = dict(B=batch, H=HEADS, Hkv=kv_heads, N=n, D=head_dim, causal=causal, dtype=str(dtype))
+    for name in impls:
+        if name in MGQA_OPTIONS:
+            row[f"{name}_plan"] = plan_of(q, k, causal, kernel_options(name, autotune)).describe()
+    fns = {name: implementation(name, autotune) for name in impls}
+    mgqa = implementation("mgqa", autotune)
 
-    # Correctness of this very configuration against SDPA flash.
+    # Correctness of the default plan against SDPA flash.
     ref = sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     out = mgqa(q, k, v, causal)
@@ -293,8 +261,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
         # Rounds over all implementations, in reverse order every other round: clock drift, and
         # whatever the previous implementation leaves behind, hit each alike.
         for name in impls if r % 2 == 0 else impls[::-1]:
-            fn = IMPLS[name]
-            set_mgqa_flags(name)
+            fn = fns[name]
             try:
                 fwd = time_ms(lambda: fn(q, k, v, causal))
                 fwd_bwd = time_ms(lambda: fn(q, k, v, causal).backward(do), grads=[q, k, v])
@@ -308,7 +275,6 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
             row[f"{name}_{phase}"] = values[len(values) // 2] if values else None  # the median reading
             if repeat > 1:
                 row[f"{name}_{phase}_readings"] = values
-    set_mgqa_flags("defaults")
     for phase in ("fwd", "fwdbwd"):
         peers = [row.get(f"{p}_{phase}") for p in impls if not p.startswith("mgqa")]
         peers = [x for x in peers if x]
@@ -316,10 +282,6 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1):
             row[f"ratio_{phase}"] = row[f"mgqa_{phase}"] / max(peers)
     row["peak_mib_mgqa"] = peak_fwd_bwd_bytes(mgqa, q, k, v, do, causal) / 2**20
     row["peak_mib_repeat_kv_sdpa"] = peak_fwd_bwd_bytes(repeat_kv_sdpa, q, k, v, do, causal) / 2**20
-    for kernel_name, kernel in (("fwd", mgqa_kernels._attn_fwd), ("dkdv", mgqa_kernels._attn_bwd_dkdv),
-                                ("dq", mgqa_kernels._attn_bwd_dq)):
-        cfg = getattr(kernel, "best_config", None)
-        row[f"cfg_{kernel_name}"] = str(cfg) if cfg is not None else None
     return row
 
 
@@ -349,6 +311,8 @@ def main():
     parser.add_argument("--json", default="attention_bench.json", help="where to write the results")
     parser.add_argument("--impls", default="mgqa,sdpa_flash,sdpa_cudnn,flex", help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="mgqa's kernels take the first launch config that fits (KernelOptions(autotune=False))")
     parser.add_argument("--repeat", type=int, default=1,
                         help="time every implementation this many times per shape, in rounds (the order reversed every other round), and report the median")
     parser.add_argument("--warm-workers", type=int, default=min(12, os.cpu_count() or 1),
@@ -360,6 +324,8 @@ def main():
     lengths = tuple(int_list(parser, "lengths", args.lengths))
     grid = list(shapes(args.quick, lengths))
     selected = [s for s in grid if not args.only or re.search(args.only, f"{s[0]},{s[1]},{s[2]},{int(s[3])}")]
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.warm_timeout <= 0:
         parser.error(f"--warm-timeout must be positive, got {args.warm_timeout}")
     if not selected:
@@ -368,22 +334,26 @@ def main():
     if cuda_missing("bench/attention.py"):
         return 2
     torch._dynamo.config.cache_size_limit = 256  # FlexAttention recompiles per shape
+    autotune = not args.no_autotune
     dtype = getattr(torch, args.dtype)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), tokens=TOKENS, heads=HEADS, units="TFLOP/s", repeat=args.repeat,
-                flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd")
+                flops="fwd 4*B*H*N^2*D (x0.5 causal); fwd+bwd 3.5x fwd", autotune=autotune)
     if args.warm_workers > 0:
         start = time.time()
-        warm_up(selected, impls, args.dtype, args.warm_workers, args.warm_timeout)
+        warm_up(selected, impls, args.dtype, args.warm_workers, args.warm_timeout, autotune=autotune)
         meta["warm_up_s"] = time.time() - start
         print(f"compiled the kernels of {len(selected)} shapes in {meta['warm_up_s']:.0f} s", flush=True)
     rows = []
     for head_dim, kv_heads, n, causal in selected:
-        rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype, args.repeat))
+        rows.append(bench_shape(head_dim, kv_heads, n, causal, impls, dtype, args.repeat, autotune))
         r = rows[-1]
         print(f"D={head_dim} Hkv={kv_heads} N={n} causal={causal}: "
               + " ".join(f"{i}={fmt(r.get(i + '_fwd'), 1)}/{fmt(r.get(i + '_fwdbwd'), 1)}" for i in impls)
-              + f" err={r['err_vs_flash']:.1e} cfg={r['cfg_fwd']} | {r['cfg_dkdv']} | {r['cfg_dq']}", flush=True)
+              + f" err={r['err_vs_flash']:.1e}", flush=True)
+        for name in impls:
+            if f"{name}_plan" in r:
+                print(f"  {name} plan: {r[name + '_plan']}", flush=True)
         with open(args.json, "w") as f:  # after every shape, so a cut-short run keeps what it measured
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, TFLOP/s")

@@ -1,9 +1,12 @@
-"""The timing scripts in bench/ refuse bad arguments with a usage error that names the bad value,
-and say so plainly when there is no CUDA GPU to time, before any work starts."""
+"""bench/attention.py: it refuses bad arguments with a usage error that names the bad value, says so
+plainly when there is no CUDA GPU to time, compares mgqa's kernel plans only through the public
+``KernelOptions`` (never by patching module globals or importing private names), and its warm-up
+survives a stuck or dying worker."""
 
 from __future__ import annotations
 
-import json
+import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -14,83 +17,102 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "attention.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
-@pytest.mark.parametrize("script,args,expected", [
-    ("bench/attention.py", ["--impls", "mgqa,bogus"], "unknown implementation(s) ['bogus']"),
-    ("bench/attention.py", ["--only", "^128,32,8192,True"],
+@pytest.mark.parametrize("args,expected", [
+    (["--impls", "mgqa,bogus"], "unknown implementation(s) ['bogus']"),
+    (["--impls", "mgqa_atomic_dq"], "unknown implementation(s) ['mgqa_atomic_dq']"),
+    (["--only", "^128,32,8192,True"],
      "--only '^128,32,8192,True' matches none of the 48 shapes, written 'D,Hkv,N,causal' with causal 0 or 1"),
-    ("bench/attention.py", ["--lengths", "4096,8k"], "--lengths '4096,8k': expected comma-separated integers"),
-    ("bench/attention.py", ["--warm-timeout", "0"], "--warm-timeout must be positive, got 0.0"),
-    ("bench/attention_kernels.py", ["--impls", "sdpa_flash,nope"], "unknown implementation(s) ['nope']"),
-    ("bench/attention_kernels.py", ["--shapes", "128,3,4096,1"], "shape '128,3,4096,1': Hkv must divide 32"),
-    ("bench/attention_kernels.py", ["--shapes", "128,8,4096"], "shape '128,8,4096' is not 'D,Hkv,N,causal'"),
-    ("bench/attention_kernels.py", ["--calls", "0"], "--calls must be at least 1, got 0"),
-    ("bench/host_overhead.py", ["--profile", "mgqa_typo"], "unknown implementation(s) ['mgqa_typo']"),
-    ("bench/host_parts.py", ["--lengths", "4096,4k"], "--lengths '4096,4k': expected comma-separated integers"),
-    ("bench/reduce_throughput.py", ["--variants", "tl_atomic,red_v8"], "unknown variant(s) ['red_v8']"),
-    ("bench/launch_model.py", ["--kv-heads", "1,3"], "--kv-heads '1,3': [3] do not divide 32"),
-    ("bench/launch_model.py", ["--lengths", "4096,-1"], "--lengths '4096,-1': expected positive integers"),
-    ("bench/launch_model.py", ["--l2-mb", "0"], "--l2-mb must be positive, got 0.0"),
-    ("bench/launch_model.py", ["--sms", "0"], "--sms must be at least 1, got 0"),
-    ("bench/forward_walk_model.py", ["--kv-heads", "3"], "--kv-heads '3': [3] do not divide 32"),
-    ("bench/forward_walk_model.py", ["--lengths", "4096,x"], "--lengths '4096,x': expected comma-separated integers"),
-    ("bench/forward_walk_model.py", ["--setup", "-1"], "--setup must be at least 0, got -1.0"),
+    (["--lengths", "4096,8k"], "--lengths '4096,8k': expected comma-separated integers"),
+    (["--lengths", "4096,-1"], "--lengths '4096,-1': expected positive integers"),
+    (["--repeat", "0"], "--repeat must be at least 1, got 0"),
+    (["--warm-timeout", "0"], "--warm-timeout must be positive, got 0.0"),
 ])
-def test_bad_arguments_name_the_value(script, args, expected):
-    proc = run(script, *args)
+def test_bad_arguments_name_the_value(args, expected):
+    proc = run(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert expected in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
-@pytest.mark.parametrize("script", ["bench/attention.py", "bench/attention_kernels.py", "bench/host_overhead.py",
-                                    "bench/host_parts.py", "bench/reduce_throughput.py"])
-def test_without_a_gpu_the_scripts_say_so(script):
-    proc = run(script)
-    assert proc.returncode == 2
-    assert f"{script} needs a CUDA GPU" in proc.stderr
+def test_without_a_gpu_it_says_so():
+    proc = run("--no-autotune", "--impls", "mgqa,mgqa_tl")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bench/attention.py needs a CUDA GPU" in proc.stderr
 
 
-def test_launch_model_shows_why_the_launcher_splits_causal_mqa_further(tmp_path):
-    """The CPU model of the causal dK/dV launch (bench/NOTES.md, v19): MQA at 4k with 4 group splits
-    ends far past the ideal (2-chunk sections of 64 programs, fewer than run at once), with the 8 the
-    launcher picks it does not; on a 60 MB L2, Hkv=16's ragged sections (7 of 9 chunks and 1 of 1)
-    overrun where the even ones (8 of 8) do not."""
-    pytest.importorskip("mgqa.kernels.attention_bwd_ws", reason="Gluon unavailable in this Triton")
-    out = tmp_path / "model.json"
-    proc = run("bench/launch_model.py", "--kv-heads", "1,16", "--lengths", "4096", "--l2-mb", "60", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    rows = {(row["Hkv"], row["splits"]): row for row in json.loads(out.read_text())["rows"]}
-    assert rows[(1, 4)]["overrun_even"] > 0.15 and rows[(1, 8)]["overrun_even"] < 0.02
-    assert [splits for (kv, splits), row in rows.items() if kv == 1 and row["picked"]] == [8]
-    hkv16 = rows[(16, 1)]
-    assert hkv16["picked"] and hkv16["section_chunks_even"] == 8 and hkv16["section_chunks_ragged"] == 9
-    assert hkv16["overrun_ragged"] > 0.05 and hkv16["overrun_even"] < 0.01
-    assert "<- launcher" in proc.stdout
+def test_the_implementations_are_the_default_plan_the_fallback_and_the_peers():
+    from mgqa.kernels import KernelOptions
+
+    from bench.attention import IMPLS, kernel_options
+
+    assert list(IMPLS) == ["mgqa", "mgqa_tl", "sdpa_flash", "sdpa_cudnn", "flex"]
+    assert kernel_options("mgqa") == KernelOptions()
+    assert kernel_options("mgqa_tl") == KernelOptions(gluon=False)
+    assert kernel_options("mgqa", autotune=False) == KernelOptions(autotune=False)
+    assert kernel_options("mgqa_tl", autotune=False) == KernelOptions(autotune=False, gluon=False)
 
 
-def test_forward_walk_model_shows_the_strided_walk_unbalancing_causal_mha(tmp_path):
-    """The CPU model of the persistent forward's walks (bench/NOTES.md, v20): under a causal mask the
-    strided walk ends 12% past the ideal for MHA at 4k (each head's tiles run longest first, so the
-    walk hands some programs mostly long ones) and 3% for Hkv=8; the first-free lists end where the
-    one-program-per-tile launch does; the snake order evens MHA out but not GQA."""
-    pytest.importorskip("mgqa.kernels.attention_fwd_ws", reason="Gluon unavailable in this Triton")
-    out = tmp_path / "walks.json"
-    proc = run("bench/forward_walk_model.py", "--kv-heads", "8,32", "--lengths", "4096,8192", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    rows = {(row["Hkv"], row["N"]): row for row in json.loads(out.read_text())["rows"]}
-    assert rows[(32, 4096)]["strided_overrun"] == pytest.approx(0.120, abs=0.005)
-    assert rows[(8, 4096)]["strided_overrun"] == pytest.approx(0.031, abs=0.005)
-    for row in rows.values():
-        assert row["first_free_overrun"] == pytest.approx(row["per_tile_overrun"])
-        assert row["first_free_overrun"] < 0.04
-    assert rows[(8, 8192)]["snake_overrun"] > 0.3
-    assert "first_free" in proc.stdout
+def test_every_implementation_name_is_accepted():
+    from bench.attention import IMPLS, parse_impls
+
+    parser = argparse.ArgumentParser()
+    assert parse_impls(parser, ",".join(IMPLS)) == list(IMPLS)
+    assert parse_impls(parser, " mgqa_tl , flex ,") == ["mgqa_tl", "flex"]
+
+
+def test_the_shape_lists():
+    """--quick is 9 shapes; the full grid is D 128/64 x Hkv 8/1/32 x the lengths x causal or not,
+    and --lengths replaces its N."""
+    from bench.attention import shapes
+
+    quick = list(shapes(True))
+    assert len(quick) == 9 and (128, 8, 4096, True) in quick and (64, 8, 4096, True) in quick
+    assert list(shapes(True, (2048,))) == quick  # --lengths does not apply to --quick
+    full = list(shapes(False))
+    assert len(full) == len(set(full)) == 48
+    assert {s[0] for s in full} == {64, 128} and {s[1] for s in full} == {1, 8, 32}
+    assert {s[2] for s in full} == {1024, 4096, 8192, 16384}
+    assert {s[2] for s in shapes(False, (2048, 3000))} == {2048, 3000}
+    assert len(list(shapes(False, (2048,)))) == 12
+
+
+def _imports(tree: ast.Module):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module, [(alias.name, alias.asname or alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, [(alias.name, alias.asname or alias.name.split(".")[0])]
+
+
+def test_it_uses_mgqa_only_through_public_names():
+    """No private module or name of mgqa, no module globals set at run time: mgqa's variants are
+    KernelOptions passed to triton_attention."""
+    tree = ast.parse(SCRIPT.read_text())
+    mgqa_imports = [(module, names) for module, names in _imports(tree) if module.split(".")[0] == "mgqa"]
+    assert mgqa_imports, "bench/attention.py should call mgqa's kernels"
+    for module, names in mgqa_imports:
+        assert not any(part.startswith("_") for part in module.split(".")), module
+        assert not any(name.startswith("_") or name == "*" for name, _ in names), (module, names)
+    assert {"KernelOptions", "triton_attention", "plan_attention"} <= {name for _, names in mgqa_imports
+                                                                       for name, _ in names}
+    bound = {local for _, names in mgqa_imports for _, local in names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            assert not node.attr.startswith("_"), f"{node.value.id}.{node.attr}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "setattr", "mgqa variants must not patch module globals"
+        if isinstance(node, ast.Name):
+            assert not node.id.startswith("MGQA_TRITON"), node.id
+    assert "MGQA_TRITON_" not in SCRIPT.read_text()
 
 
 def _warm_group(task):
