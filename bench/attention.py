@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mgqa.kernels import DeviceProps, KernelOptions, plan_attention, triton_attention
+from mgqa.kernels import KernelOptions, plan_for_inputs, triton_attention
 
 TOKENS = 16384
 HEADS = 32
@@ -121,11 +121,9 @@ def implementation(name: str, autotune: bool = True):
     return run
 
 
-def plan_of(q, k, causal, options: KernelOptions):
-    """The AttentionPlan mgqa's kernels follow for these inputs (q (B, H, Nq, D), k (B, Hkv, Nk, D))."""
-    batch, heads, n_q, head_dim = q.shape
-    return plan_attention(batch, heads, k.shape[1], n_q, k.shape[2], head_dim, q.dtype, causal, head_dim ** -0.5,
-                          DeviceProps.of(q.device), options)
+def plan_of(q, k, v, causal, options: KernelOptions):
+    """The AttentionPlan mgqa's kernels follow for these inputs (q (B, H, Nq, D), k and v (B, Hkv, Nk, D))."""
+    return plan_for_inputs(q, k, v, causal=causal, options=options)
 
 
 def parse_impls(parser: argparse.ArgumentParser, text: str, *extra: str) -> list[str]:
@@ -244,7 +242,7 @@ def bench_shape(head_dim, kv_heads, n, causal, impls, dtype, repeat=1, autotune=
     row = dict(B=batch, H=HEADS, Hkv=kv_heads, N=n, D=head_dim, causal=causal, dtype=str(dtype))
     for name in impls:
         if name in MGQA_OPTIONS:
-            row[f"{name}_plan"] = plan_of(q, k, causal, kernel_options(name, autotune)).describe()
+            row[f"{name}_plan"] = plan_of(q, k, v, causal, kernel_options(name, autotune)).describe()
     fns = {name: implementation(name, autotune) for name in impls}
     mgqa = implementation("mgqa", autotune)
 

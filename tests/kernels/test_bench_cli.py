@@ -102,7 +102,7 @@ def test_it_uses_mgqa_only_through_public_names():
     for module, names in mgqa_imports:
         assert not any(part.startswith("_") for part in module.split(".")), module
         assert not any(name.startswith("_") or name == "*" for name, _ in names), (module, names)
-    assert {"KernelOptions", "triton_attention", "plan_attention"} <= {name for _, names in mgqa_imports
+    assert {"KernelOptions", "triton_attention", "plan_for_inputs"} <= {name for _, names in mgqa_imports
                                                                        for name, _ in names}
     bound = {local for _, names in mgqa_imports for _, local in names}
     for node in ast.walk(tree):
