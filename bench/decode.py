@@ -25,6 +25,7 @@ A peer that refuses a shape, or is not installed, is recorded with the reason an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -156,17 +157,11 @@ def _peers(device) -> dict[str, Callable]:
     def mgqa(q, k, v, lengths, splits=None, launch=None):
         if launch is None:
             return decode_kernels.decode_attention(q, k, v, lengths, splits=splits)
-        default = decode_kernels.decode_launch
-        block_n, stages, warps = launch
-
-        def patched(head_dim, rows, dtype):
-            return dict(default(head_dim, rows, dtype), BLOCK_N=block_n, num_stages=stages, num_warps=warps)
-
-        decode_kernels.decode_launch = patched  # this call only: the launch rule is a module function
-        try:
-            return decode_kernels.decode_attention(q, k, v, lengths, splits=splits)
-        finally:
-            decode_kernels.decode_launch = default
+        block_n, stages, warps = launch  # a candidate tile config: the default plan with its tiles replaced
+        plan = decode_kernels.decode_plan_for(q, k, splits)
+        plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.tiles, block_n=block_n, num_stages=stages,
+                                                                   num_warps=warps))
+        return decode_kernels.decode_attention(q, k, v, lengths, plan=plan)
 
     impls: dict[str, Callable] = {"mgqa": mgqa}
     if device.type == "cuda":

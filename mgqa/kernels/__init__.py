@@ -11,8 +11,8 @@ only caller.
 
 from mgqa.kernels.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason
 from mgqa.kernels.ops import configure, default_options, plan_for_inputs, run_checked, triton_attention
-from mgqa.kernels.plan import AttentionPlan, DeviceProps, KernelOptions, PassPlan, plan_attention
+from mgqa.kernels.plan import AttentionPlan, DecodePlan, DeviceProps, KernelOptions, PassPlan, plan_attention, plan_decode
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "AttentionPlan", "DeviceProps", "KernelOptions", "PassPlan",
-           "configure", "default_options", "plan_attention", "plan_for_inputs", "run_checked", "triton_attention",
+__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "AttentionPlan", "DecodePlan", "DeviceProps", "KernelOptions", "PassPlan",
+           "configure", "default_options", "plan_attention", "plan_decode", "plan_for_inputs", "run_checked", "triton_attention",
            "unsupported_reason"]

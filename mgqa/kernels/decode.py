@@ -14,19 +14,20 @@ kernel from each sequence's length, so one launch (or one captured CUDA graph) s
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_QUERIES", "compiled_decode_attention", "decode_attention", "decode_launch", "num_splits", "unsupported_reason"]
+from mgqa.kernels.checks import INTERPRET
+from mgqa.kernels.launch import cached_plan, device_props
+from mgqa.kernels.plan import DECODE_MAX_QUERIES, DECODE_MAX_SPLITS, DecodePlan, plan_decode
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_QUERIES = 8  # query rows per sequence; more is a prefill and belongs to the training kernels
-MAX_ROWS = 64  # query rows per program; larger groups (H / Hkv * Nq > 64) take several row blocks
-MAX_SPLITS = 128
+__all__ = ["MAX_QUERIES", "compiled_decode_attention", "decode_attention", "decode_plan_for", "unsupported_reason"]
+
+MAX_QUERIES = DECODE_MAX_QUERIES
+MAX_SPLITS = DECODE_MAX_SPLITS
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
@@ -66,37 +67,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
         if t.stride(-1) != 1:
             return f"{name} has a non-contiguous last dimension (strides {t.stride()})"
     return None
-
-
-def num_splits(programs: int, capacity: int, sm_count: int, block_n: int) -> int:
-    """Cache splits per (sequence, KV head, row block).
-
-    Decode is bound by memory bandwidth. A program of ``decode_launch``'s default tiles keeps about
-    70 KB of shared memory, so three are resident per SM; aim at that many programs, so that every
-    SM has loads in flight while the work stays one wave. A split shorter than four key tiles costs
-    more in its partial output and combine than it saves, so splits never go below that; one split
-    when the programs already fill the GPU. The count depends on the cache's capacity, not on the
-    current lengths, so a captured decode step keeps its grid.
-    """
-    if programs <= 0 or capacity <= 0:
-        return 1
-    wanted = triton.cdiv(3 * sm_count, programs)
-    most = max(1, triton.cdiv(capacity, 4 * block_n))
-    return max(1, min(wanted, most, MAX_SPLITS))
-
-
-def decode_launch(head_dim: int, rows: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and pipeline stages of one launch (interpreter: small tiles, many key tiles)."""
-    block_m = max(16, triton.next_power_of_2(rows))
-    if INTERPRET:
-        return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # Two K/V tiles in flight per program (three stages of 2 x 64 x 128 x 2 bytes, about 70 KB of
-    # shared memory) cover HBM latency with three programs per SM; the BLOCK_M x D float32
-    # accumulator stays in registers.
-    block_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
-    warps = 4 if block_m * block_d <= 32 * 128 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=3)
 
 
 @triton.jit
@@ -205,22 +175,6 @@ def _decode_combine(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel output; tests swap it for a NaN-filled one to catch unwritten elements."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so that tests exercise the combine
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -230,6 +184,7 @@ def decode_attention(
     causal: bool = True,
     scale: Optional[float] = None,
     splits: Optional[int] = None,
+    plan: Optional[DecodePlan] = None,
 ) -> torch.Tensor:
     """Attention of the last Nq positions of each sequence over its cached keys.
 
@@ -238,40 +193,49 @@ def decode_attention(
     on q's device, positions valid per sequence, Nq <= lengths[b] <= L (larger values are clamped to
     L; they are not checked, which would cost a device sync). ``causal``: query i of sequence b sits
     at position lengths[b] - Nq + i and sees keys up to it; otherwise every query sees all
-    lengths[b] keys. ``splits`` overrides ``num_splits``. Returns (B, H, Nq, D) in q's dtype. No
-    host synchronisation: the launch can be captured in a CUDA graph.
+    lengths[b] keys. ``splits`` overrides the plan's split count; ``plan`` (``plan.plan_decode``)
+    replaces the plan. Returns (B, H, Nq, D) in q's dtype. No host synchronisation: the launch can be
+    captured in a CUDA graph.
     """
     reason = unsupported_reason(q, k_cache, v_cache, lengths)
     if reason is not None:
         raise ValueError(f"triton decode attention: {reason}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"triton decode attention: splits must be in 1..{MAX_SPLITS}, got {splits}")
+    return _run(q, k_cache, v_cache, lengths, causal, scale, plan or decode_plan_for(q, k_cache, splits))
+
+
+def decode_plan_for(q: torch.Tensor, k_cache: torch.Tensor, splits: Optional[int] = None) -> DecodePlan:
+    """The plan a decode call on these inputs carries out."""
+    batch, heads, n_q, head_dim = q.shape
+    key = ("decode", batch, heads, k_cache.shape[1], n_q, k_cache.shape[2], head_dim, q.dtype, q.device, splits)
+    return cached_plan(key, lambda: plan_decode(batch, heads, k_cache.shape[1], n_q, k_cache.shape[2], head_dim,
+                                                str(q.dtype).removeprefix("torch."), device_props(q.device), splits))
+
+
+def _run(q, k_cache, v_cache, lengths, causal: bool, scale: Optional[float], plan: DecodePlan) -> torch.Tensor:
     batch, heads, n_q, head_dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
-    launch = decode_launch(head_dim, group * n_q, q.dtype)
-    block_m = min(launch.pop("BLOCK_M"), MAX_ROWS)
-    row_blocks = triton.cdiv(group * n_q, block_m)
-    programs = batch * kv_heads * row_blocks
-    if splits is None:
-        splits = num_splits(programs, capacity, _sm_count(q.device), launch["BLOCK_N"])
+    splits, tiles = plan.splits, plan.tiles
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = _empty((batch, heads, n_q, head_dim), q.dtype, q.device)
+    out = torch.empty((batch, heads, n_q, head_dim), dtype=q.dtype, device=q.device)
     if splits > 1:
-        part_out = _empty((batch, heads, n_q, splits, head_dim), torch.float32, q.device)
-        part_lse = _empty((batch, heads, n_q, splits), torch.float32, q.device)
+        part_out = torch.empty((batch, heads, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, heads, n_q, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _decode_split[(programs, splits)](
+    _decode_split[(batch * kv_heads * plan.row_blocks, splits)](
         q, k_cache, v_cache, lengths, out, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        kv_heads, row_blocks, capacity, splits, scale * LOG2E,
-        GROUP=group, N_Q=n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, CAUSAL=causal,
-        ONE_SPLIT=splits == 1, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,
+        kv_heads, plan.row_blocks, capacity, splits, scale * LOG2E,
+        GROUP=heads // kv_heads, N_Q=n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, CAUSAL=causal, ONE_SPLIT=splits == 1,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     if splits > 1:
         _decode_combine[(batch * heads * n_q,)](
@@ -285,7 +249,7 @@ def decode_attention(
 @torch.library.custom_op("mgqa::decode_attention", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, causal: bool,
                scale: float, splits: int) -> torch.Tensor:
-    return decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale, splits=splits or None)
+    return _run(q, k_cache, v_cache, lengths, causal, scale, decode_plan_for(q, k_cache, splits or None))
 
 
 @_decode_op.register_fake
@@ -294,9 +258,10 @@ def _(q, k_cache, v_cache, lengths, causal, scale, splits):
 
 
 def compiled_decode_attention(q, k_cache, v_cache, lengths, *, causal=True, scale=None, splits=None) -> torch.Tensor:
-    """``decode_attention`` as the ``mgqa::decode_attention`` custom op, which ``torch.compile`` traces
-    (eager calls skip the op's dispatch cost)."""
+    """``decode_attention`` for inputs already checked (``unsupported_reason`` is None), as the
+    ``mgqa::decode_attention`` custom op when ``torch.compile`` traces it (eager calls skip the op's
+    dispatch cost)."""
     if torch.compiler.is_compiling():
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return _decode_op(q, k_cache, v_cache, lengths, causal, scale, splits or 0)
-    return decode_attention(q, k_cache, v_cache, lengths, causal=causal, scale=scale, splits=splits)
+    return _run(q, k_cache, v_cache, lengths, causal, scale, decode_plan_for(q, k_cache, splits))

@@ -87,6 +87,11 @@ def _cached(cache: dict, key, build):
     return cache[key]
 
 
+def cached_plan(key, build):
+    """The plan cached under ``key``, made by ``build`` on first use."""
+    return _cached(_plans, key, build)
+
+
 def plan_for(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, options: KernelOptions,
              *tensors: torch.Tensor) -> AttentionPlan:
     """The plan of a call on these tensors (``tensors``: every input the kernels read by descriptor)."""

@@ -22,7 +22,8 @@ import heapq
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["AttentionPlan", "DeviceProps", "KernelOptions", "PassPlan", "Tiles", "Walk", "plan_attention"]
+__all__ = ["AttentionPlan", "DecodePlan", "DeviceProps", "KernelOptions", "PassPlan", "Tiles", "Walk", "plan_attention",
+           "plan_decode"]
 
 # Gluon kernels: tile shapes they are written for. A program of the forward and dQ kernels covers
 # 2 x BLOCK_M query rows (one BLOCK_M per consumer warpgroup); one of dK/dV covers 2 x BLOCK_N keys.
@@ -335,6 +336,65 @@ def _dkdv(batch, kv_heads, n_q, n_k, head_dim, group, elem, causal, device, opti
     walk = section_sizes(qdo_bytes, device) if causal else Walk()
     return _tl("dkdv", head_dim, elem, device, options, tma, reason, walk=walk, splits=splits,
                one_loop=group == splits)
+
+
+# Decode: a few query rows per sequence against a KV cache (decode.py). A program serves one KV head
+# of one sequence and every query row of its group (H / Hkv heads x Nq positions), so each K/V tile
+# is read once per group; the cache is split along its length over ``splits`` programs.
+DECODE_MAX_QUERIES = 8  # query rows per sequence; more is a prefill and belongs to the training kernels
+DECODE_MAX_ROWS = 64  # rows per program; larger groups take several row blocks
+DECODE_MAX_SPLITS = 128
+DECODE_INTERPRETER_SMS = 4  # the interpreter: a few splits, so that tests exercise the combine
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    tiles: Tiles  # block_m: query rows per program; block_n: keys per K/V tile
+    row_blocks: int  # programs per (sequence, KV head)
+    splits: int  # programs per row block along the cache, combined in a fixed order
+
+    def describe(self) -> str:
+        return (f"decode {self.tiles.block_m}x{self.tiles.block_n} w{self.tiles.num_warps} s{self.tiles.num_stages}, "
+                f"{self.row_blocks} row block{'s' * (self.row_blocks > 1)}, {self.splits} split{'s' * (self.splits > 1)}")
+
+
+def decode_tiles(head_dim: int, rows: int, dtype: str, device: DeviceProps) -> Tiles:
+    """Rows per program (the group's rows, padded to a power of two, at most DECODE_MAX_ROWS), keys per
+    tile, warps and stages. Two K/V tiles in flight per program (three stages of 2 x 64 x 128 x 2 bytes,
+    about 70 KB of shared memory) cover HBM latency with three programs per SM; the rows x D float32
+    accumulator stays in registers."""
+    block_m = min(max(16, next_power_of_2(rows)), DECODE_MAX_ROWS)
+    if device.interpreter:
+        return Tiles(block_m, 16, 4, 1)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 and dtype != "float32" else 32
+    return Tiles(block_m, block_n, 4 if block_m * block_d <= 32 * 128 else 8, 3)
+
+
+def decode_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
+    """Cache splits per (sequence, KV head, row block). Decode is bound by memory bandwidth: aim at three
+    programs per SM (what the default tiles leave resident), so every SM has loads in flight while the
+    work stays one wave; never below four key tiles per split (a shorter split costs more in its partial
+    output and combine than it saves); one split when the programs already fill the GPU. The count
+    depends on the cache's capacity, not the current lengths, so a captured decode step keeps its grid."""
+    if programs <= 0 or capacity <= 0:
+        return 1
+    wanted = cdiv(3 * sms, programs)
+    most = max(1, cdiv(capacity, 4 * block_n))
+    return max(1, min(wanted, most, DECODE_MAX_SPLITS))
+
+
+def plan_decode(batch: int, heads: int, kv_heads: int, n_q: int, capacity: int, head_dim: int, dtype: str,
+                device: DeviceProps, splits: Optional[int] = None) -> DecodePlan:
+    """The plan of one decode call: q (batch, heads, n_q, head_dim) against a (batch, kv_heads, capacity,
+    head_dim) cache. ``splits`` overrides ``decode_splits``."""
+    rows = heads // kv_heads * n_q
+    tiles = decode_tiles(head_dim, rows, dtype, device)
+    row_blocks = cdiv(rows, tiles.block_m)
+    if splits is None:
+        sms = DECODE_INTERPRETER_SMS if device.interpreter else device.sms
+        splits = decode_splits(batch * kv_heads * row_blocks, capacity, sms, tiles.block_n)
+    return DecodePlan(tiles, row_blocks, splits)
 
 
 # Host-made schedules of the persistent Gluon kernels. The launch order is the kernels' own (sections

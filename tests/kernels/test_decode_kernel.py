@@ -12,6 +12,7 @@ import torch
 
 from mgqa import ops
 from mgqa.kernels import decode as kernels
+from mgqa.kernels.plan import DECODE_MAX_SPLITS, decode_splits
 from mgqa.ops.reference import cache_mask, reference_decode_attention
 
 K_SLACK = 4.0
@@ -19,9 +20,16 @@ ATOL = {torch.float32: 1e-6, torch.float16: 1e-3}
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every kernel output and partial starts as NaN: an element left unwritten fails the test."""
-    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype))
+def poison_outputs():
+    """Every kernel output and partial starts as NaN (PyTorch fills fresh memory so under deterministic
+    algorithms): an element left unwritten fails the test."""
+    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4)).all()
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,13 +108,13 @@ def test_cache_mask_per_sequence():
 
 def test_num_splits_rule():
     # B=32, Hkv=8 on 132 SMs: 256 programs, two splits reach three programs per SM.
-    assert kernels.num_splits(256, 8192, 132, 64) == 2
+    assert decode_splits(256, 8192, 132, 64) == 2
     # One long sequence: the splits fill the GPU, capped at MAX_SPLITS.
-    assert kernels.num_splits(8, 131072, 132, 64) == 50
-    assert kernels.num_splits(1, 1 << 20, 132, 64) == kernels.MAX_SPLITS
+    assert decode_splits(8, 131072, 132, 64) == 50
+    assert decode_splits(1, 1 << 20, 132, 64) == DECODE_MAX_SPLITS
     # A short cache is not cut below four key tiles per split; a full GPU takes one split.
-    assert kernels.num_splits(8, 300, 132, 64) == 2
-    assert kernels.num_splits(1024, 8192, 132, 64) == 1
+    assert decode_splits(8, 300, 132, 64) == 2
+    assert decode_splits(1024, 8192, 132, 64) == 1
 
 
 @pytest.mark.parametrize(
