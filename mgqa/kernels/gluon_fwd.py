@@ -1,37 +1,31 @@
-"""Warp-specialised forward kernel for Hopper (sm_90), written in Gluon, Triton's lower-level dialect.
+"""Warp-specialised, persistent attention forward for Hopper (sm_90), written in Gluon, Triton's
+lower-level dialect.
 
-The structure FlashAttention-3 uses, which plain ``tl`` code cannot express:
+It computes what ``tl_fwd._attn_fwd`` does: for q (B, H, Nq, D) and k, v (B, Hkv, Nk, D) with any
+row strides, query head h reading KV head h // GROUP, out (B, H, Nq, D) contiguous and lse (B, H, Nq)
+in log2 units, +inf for rows that see no key (causal is aligned bottom-right). Lengths are arbitrary:
+the copy engine zero-fills rows past the end, and the last key block is masked.
 
-- a one-warp *producer* issues every TMA load: the program's two Q tiles, then K/V blocks through
-  ``STAGES`` shared-memory buffers, each refilled once both consumers have released it;
-- two *consumer* warpgroups each own ``BLOCK_M`` query rows of the program's ``2 * BLOCK_M`` and
-  share every K/V tile. Each issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back, waits for
-  S_j only, and computes block j's softmax while the P·V matmul runs;
-- registers move from the producer to the consumers (``setmaxnreg``);
-- with ``PINGPONG``, the two consumers take turns to issue their matmuls (FlashAttention-3's
-  ping-pong schedule): one warpgroup's matmuls run while the other computes its softmax, instead of
-  both issuing at once and then both leaving the tensor cores idle. Each warpgroup takes one turn
-  per key block the program streams, plus one for its last P·V, whether or not it needs the block,
-  so that the two always take the same number of turns (opt-in: measured level or slower).
+Organisation (FlashAttention-3's, which plain ``tl`` code cannot express):
 
-``_attn_fwd_ws`` runs one program per query tile of ``2 * BLOCK_M`` rows; ``_attn_fwd_ws_persistent``
-(the default) one program per SM, walking the tiles, each tile's Q load and first K/V
-loads overlapping the previous tile's last P·V and output store. Both run the same tile body
-(``_consume_tile``).
+- one program per SM walks query tiles of ``2 * BLOCK_M`` rows: positions p, p + P, p + 2P, ... of
+  the tl kernels' launch order (sections of a few (batch, KV head) chunks, causal tiles last-first),
+  or with ``SCHEDULED`` the list the host made for it (``plan.forward_schedule``: each tile goes to
+  the program that frees up first, as the hardware hands out one-tile programs);
+- a one-warp *producer* issues every copy-engine (TMA) load: a tile's two Q blocks as soon as both
+  consumers have issued their last Q Kᵀ of the tile before, then its K/V blocks through ``STAGES``
+  shared-memory buffers, each refilled once both consumers have released it. One ring serves all
+  of a program's tiles, so a tile's set-up overlaps the previous tile's last P·V and output store;
+- two *consumer* warpgroups each own ``BLOCK_M`` of the tile's rows and share every K/V block. Each
+  issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back, waits for S_j only, and computes block
+  j's softmax while the P·V matmul runs;
+- registers move from the producer to the consumers (``setmaxnreg``, gluon_common).
 
-Same contract as ``attention_fwd._attn_fwd``: (B, H, Nq, D) queries, (B, Hkv, Nk, D) keys and
-values with any row strides, query head h reads KV head h // GROUP, bottom-right causal alignment,
-out (B, H, Nq, D) contiguous, lse in log2 units with +inf for rows that see no key. Lengths are
-arbitrary: the copy engine zero-fills rows past the end, and the last key block is masked.
-
-Only for head_dim 128 in fp16/bf16 with a positive scale (where it was measured faster; see
-``unsupported_reason``); Gluon has no CPU interpreter, so CPU CI compiles it for sm_90
-(tests/kernels/test_compile.py) and the GPU suite checks its results.
+Only for head_dim 128 in fp16/bf16 with a positive scale (``plan.py`` decides). Gluon has no CPU
+interpreter: CPU CI compiles the kernel for sm_90 (``compile_check``) and the GPU suite checks it.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -39,38 +33,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from mgqa.kernels import gluon_common
-from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: F401 (launch settings)
 from mgqa.kernels.gluon_common import (
-    buffer_barriers, head_rows_descriptor, key_blocks, kv_descriptors, kv_ring, query_block_at, query_block_program,
-    cached, first_free_schedule, ring_tile, schedule_tensors, stream_kv, register_operand_layout, turn_barriers,
-    turn_pass, turn_wait, wgmma_layout, whole_descriptor,
+    CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, buffer_barriers, key_blocks, query_block_at,
+    register_operand_layout, ring_tile, wgmma_layout, whole_descriptor,
 )
-
-BLOCK_M = 64  # query rows per consumer warpgroup (a program covers 2 * BLOCK_M)
-BLOCK_N = 128  # keys per K/V block
-STAGES = 3  # K/V buffers in flight: 3 x 64 KB + 32 KB of Q at head_dim 128
-HEAD_DIMS = (128,)
-
-
-def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int], *, scale: float) -> Optional[str]:
-    """None if the warp-specialised forward runs this case, else why the ``tl`` kernel is used."""
-    reason = gluon_common.unsupported_reason(head_dim, dtype_name, capability, HEAD_DIMS)
-    if reason is None and not scale > 0:
-        reason = f"scale {scale} (the softmax folds a positive scale into exp2)"
-    return reason
-
-
-@gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse,
-                 q_start, n_blocks, n_q, n_k, out_row0, qk_scale):
-    # Tile sizes come from the buffers: the shared argument tuple is assigned, which makes any
-    # constexpr in it a run-time value.
-    TILE_M: gl.constexpr = q_smem.type.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_start + TILE_M, 0], q_bar, q_smem.index(1))
-    stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks)
+from mgqa.kernels.plan import PassPlan
 
 
 @gluon.jit
@@ -90,12 +57,11 @@ def _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, MASKED: gl.constexpr,
 
 
 @gluon.jit
-def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, start, stop, q_pos, n_k,
-                    qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr,
-                    PINGPONG: gl.constexpr, base=0):
-    """Blocks [start, stop) after the first: S_j and P_{j-1} V_{j-1} issued together (turn j), the
-    softmax of S_j computed while P·V runs, then block j-1's buffer released to the producer. Block
-    j sits in ring buffer number base + j (base: the blocks of the program's earlier query tiles)."""
+def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, start, stop, q_pos, n_k,
+                    qk_scale, base, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Blocks [start, stop) after the first: S_j and P_{j-1} V_{j-1} issued together, the softmax of
+    S_j computed while P·V runs, then block j-1's buffer released to the producer. Block j sits in
+    ring buffer number base + j (base: the blocks of the program's earlier query tiles)."""
     TILE_N: gl.constexpr = k_smem.type.shape[-2]
     NSTAGES: gl.constexpr = k_smem.type.shape[0]
     s_layout: gl.constexpr = wgmma_layout(TILE_N)
@@ -107,10 +73,8 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
         stage = (base + j) % NSTAGES
         prev = (base + j - 1) % NSTAGES
         mbarrier.wait(kv_ready.index(stage), ((base + j) // NSTAGES) & 1)
-        turn_wait(turn, j, WG, PINGPONG)
         s = warpgroup_mma(q_tile, ring_tile(k_smem, stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         acc = warpgroup_mma(p_op, ring_tile(v_smem, prev), acc, is_async=True)
-        turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(1, deps=(s,))  # S_j ready; P_{j-1} V_{j-1} may still run
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * TILE_N + offs_n, q_pos, n_k, qk_scale, MASKED, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -121,12 +85,11 @@ def _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_em
 
 
 @gluon.jit
-def _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row, n_blocks, n_q, n_k,
-                  qk_scale, base, CAUSAL: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
-                  RELEASE_Q: gl.constexpr):
-    """(acc, m_i, l_i) of warpgroup WG's rows from first_row over the program's n_blocks key blocks,
+def _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, q_empty, first_row, n_blocks, n_q, n_k, qk_scale,
+                  base, CAUSAL: gl.constexpr):
+    """(acc, m_i, l_i) of one warpgroup's rows from first_row over the tile's n_blocks key blocks,
     streamed through the ring from buffer number ``base`` on (the other warpgroup may need one block
-    more; this one releases the blocks it does not need). RELEASE_Q: arrive on ``q_empty`` once this
+    more; this one releases the blocks it does not need). Arrives on ``q_empty`` once this
     warpgroup's last Q Kᵀ is done, so that the next tile's Q may load."""
     TILE_M: gl.constexpr = q_tile.type.shape[0]
     HEAD: gl.constexpr = q_tile.type.shape[1]
@@ -145,37 +108,27 @@ def _consume_tile(q_tile, k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, fir
         # Block 0: scores and softmax, no P·V yet (always masked: cheap, and it may be the diagonal).
         zero_s = gl.zeros([TILE_M, TILE_N], gl.float32, s_layout)
         mbarrier.wait(kv_ready.index(base % NSTAGES), (base // NSTAGES) & 1)
-        turn_wait(turn, 0, WG, PINGPONG)
         s = warpgroup_mma(q_tile, ring_tile(k_smem, base % NSTAGES).permute((1, 0)), zero_s, use_acc=False,
                           is_async=True)
-        turn_pass(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         cols = gl.arange(0, TILE_N, layout=gl.SliceLayout(0, s_layout))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, cols, q_pos, n_k, qk_scale, True, CAUSAL)
         p_op = gl.convert_layout(p.to(q_tile.dtype), register_operand_layout(o_layout))
         mid = gl.maximum(gl.minimum(hi_full, n_own), 1)
-        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
-                                              1, mid, q_pos, n_k, qk_scale, False, CAUSAL, WG, PINGPONG, base)
-        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, turn,
-                                              mid, n_own, q_pos, n_k, qk_scale, True, CAUSAL, WG, PINGPONG, base)
-        if RELEASE_Q:
-            mbarrier.arrive(q_empty, count=1)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, 1,
+                                              mid, q_pos, n_k, qk_scale, base, False, CAUSAL)
+        acc, m_i, l_i, p_op = _consume_blocks(acc, m_i, l_i, p_op, q_tile, k_smem, v_smem, kv_ready, kv_empty, mid,
+                                              n_own, q_pos, n_k, qk_scale, base, True, CAUSAL)
+        mbarrier.arrive(q_empty, count=1)
         last = (base + n_own - 1) % NSTAGES
-        turn_wait(turn, n_own, WG, PINGPONG)
         acc = warpgroup_mma(p_op, ring_tile(v_smem, last), acc, is_async=True)
-        turn_pass(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(last), count=1)
     else:
-        if RELEASE_Q:
-            mbarrier.arrive(q_empty, count=1)
-        turn_wait(turn, 0, WG, PINGPONG)  # this warpgroup's turn 0 (it has nothing to issue)
-        turn_pass(turn, WG, PINGPONG)
+        mbarrier.arrive(q_empty, count=1)
     # Blocks only the other warpgroup needs: wait for each (so that this release counts towards the
-    # right phase) and release it; each is a turn with nothing to issue.
+    # right phase) and release it.
     for j in range(n_own, n_blocks):
-        turn_wait(turn, j + 1, WG, PINGPONG)
-        turn_pass(turn, WG, PINGPONG)
         mbarrier.wait(kv_ready.index((base + j) % NSTAGES), ((base + j) // NSTAGES) & 1)
         mbarrier.arrive(kv_empty.index((base + j) % NSTAGES), count=1)
     return acc, m_i, l_i
@@ -203,62 +156,9 @@ def _store_rows(acc, m_i, l_i, Out, Lse, out_row0, first_row, n_q):
 
 
 @gluon.jit
-def _ws_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
-    _, _, _, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start, n_blocks, n_q, n_k, \
-        out_row0, qk_scale = args
-    TILE_M: gl.constexpr = q_smem.type.shape[1]
-    first_row = q_start + WG * TILE_M
-    mbarrier.wait(q_bar, 0)
-    acc, m_i, l_i = _consume_tile(q_smem.index(WG), k_smem, v_smem, kv_ready, kv_empty, turn, q_bar, first_row,
-                                  n_blocks, n_q, n_k, qk_scale, 0, CAUSAL, WG, PINGPONG, False)
-    _store_rows(acc, m_i, l_i, Out, Lse, out_row0, first_row, n_q)
-
-
-@gluon.jit
-def _attn_fwd_ws(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS,
-    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PINGPONG: gl.constexpr = False,
-):
-    dtype: gl.constexpr = Q.dtype.element_ty
-    batch, kv_head, head, q_start = query_block_program(n_q, heads, GROUP, 2 * BLOCK_M, CAUSAL, SECTION_PROGRAMS,
-                                                           SECTION_CHUNKS)
-
-    q_desc = head_rows_descriptor(Q, batch, head, stride_qb, stride_qh, stride_qn, n_q, BLOCK_M, HEAD_DIM)
-    k_desc, v_desc = kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                                    stride_vn, n_k, BLOCK_N, HEAD_DIM)
-
-    _, n_blocks = key_blocks(q_start, 2 * BLOCK_M, n_q, n_k, BLOCK_N, CAUSAL)  # what both warpgroups need
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem, v_smem, q_bar, kv_ready, kv_empty = kv_ring(k_desc, v_desc, STAGES)
-    turn = turn_barriers()
-
-    out_row0 = (batch * heads + head).to(gl.int64) * n_q
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, Out, Lse, q_start,
-            n_blocks, n_q, n_k, out_row0, qk_scale)
-    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
-    # them into run-time values).
-    gl.warp_specialize([(_ws_consume, (args, 0, CAUSAL, PINGPONG)), (_ws_consume, (args, 1, CAUSAL, PINGPONG)),
-                        (_ws_producer, args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-# The persistent variant (opt-in, ``launch(persistent=True)``): one program per SM walks query tiles
-# pid, pid + P, pid + 2P, ... of the launch order above. Its producer loads the next tile's Q as soon
-# as both consumers have issued their last Q Kᵀ of the tile, and streams that tile's K/V through the
-# same ring without a break, so a tile's set-up (Q and first K/V loads) and the previous tile's
-# last P·V and output store overlap instead of running one after the other.
-
-
-@gluon.jit
 def _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, TILE_M: gl.constexpr,
                  TILE_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """(batch, head, first row, key blocks both warpgroups need) of query tile ``tile``."""
+    """(batch, KV head, head, first row, key blocks both warpgroups need) of query tile ``tile``."""
     batch, kv_head, head, q_start = query_block_at(tile, n_tiles, n_q, heads, GROUP, 2 * TILE_M, CAUSAL,
                                                    SECTION_PROGRAMS, SECTION_CHUNKS)
     _, n_blocks = key_blocks(q_start, 2 * TILE_M, n_q, n_k, TILE_N, CAUSAL)
@@ -268,15 +168,16 @@ def _tile_blocks(tile, n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTIO
 @gluon.jit
 def _walk_tiles(args, visit: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
     """This program's query tiles, in order: positions p, p + P, p + 2P, ... of the launch order, or
-    with SCHEDULED its list from ``forward_schedule``; ``visit(args, (batch, KV head, head, first
-    row, key blocks), base, i, WG, CAUSAL)`` does one partition's work for the program's i-th tile, whose
-    K/V blocks take ring buffers from number ``base`` on."""
-    n_tiles = args[13]
-    n_q = args[14]
+    with SCHEDULED its row of the host's schedule. ``visit(args, (batch, KV head, head, first row,
+    key blocks), base, i, WG, CAUSAL)`` does one partition's work for the program's i-th tile, whose
+    K/V blocks take ring buffers from number ``base`` on: every partition walks the same tiles, so
+    they agree on each buffer's use count and hence on its barrier phases."""
+    n_tiles = args[12]
+    n_q = args[13]
     base = n_q * 0  # ring buffers used by earlier tiles (a run-time value: it is carried by the loop)
     i = n_q * 0
     if SCHEDULED:
-        Schedule, Rounds, max_rounds = args[21], args[22], args[23]
+        Schedule, Rounds, max_rounds = args[20], args[21], args[22]
         row = Schedule + gl.program_id(0) * max_rounds
         for r in range(gl.load(Rounds + gl.program_id(0))):
             base, i = _visit_tile(args, gl.load(row + r), base, i, visit, WG, CAUSAL)
@@ -290,7 +191,7 @@ def _visit_tile(args, tile, base, i, visit: gl.constexpr, WG: gl.constexpr, CAUS
     """``visit`` on launch-order position ``tile``; the next tile's (base, i)."""
     TILE_M: gl.constexpr = args[3].type.shape[-2]
     TILE_N: gl.constexpr = args[4].type.shape[-2]
-    where = _tile_blocks(tile, args[13], args[14], args[15], args[16], args[17], args[18], args[19], TILE_M, TILE_N,
+    where = _tile_blocks(tile, args[12], args[13], args[14], args[15], args[16], args[17], args[18], TILE_M, TILE_N,
                          CAUSAL)
     visit(args, where, base, i, WG, CAUSAL)
     return base + where[4], i + 1
@@ -325,22 +226,21 @@ def _produce_tile(args, where, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
 
 @gluon.jit
 def _pfwd_consume(args, WG: gl.constexpr, CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr):
-    """Consumer warpgroup WG's partition of the persistent forward; ``args`` is the producer's."""
+    """Consumer warpgroup WG's partition; ``args`` is the producer's argument tuple."""
     _walk_tiles(args, _consume_query_tile, WG, CAUSAL, SCHEDULED)
 
 
 @gluon.jit
 def _consume_query_tile(args, where, base, i, WG: gl.constexpr, CAUSAL: gl.constexpr):
     """Warpgroup WG's work for one query tile (``_walk_tiles``): its rows' output and lse."""
-    _, _, _, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse, _, n_q, n_k, heads = \
-        args[:17]
-    qk_scale = args[20]
+    _, _, _, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, Out, Lse, _, n_q, n_k, heads = args[:16]
+    qk_scale = args[19]
     batch, kv_head, head, q_start, n_blocks = where
     TILE_M: gl.constexpr = q_smem.type.shape[-2]
     first_row = q_start + WG * TILE_M
     mbarrier.wait(q_ready, i & 1)
-    acc, m_i, l_i = _consume_tile(ring_tile(q_smem, WG), k_smem, v_smem, kv_ready, kv_empty, turn, q_empty, first_row,
-                                  n_blocks, n_q, n_k, qk_scale, base, CAUSAL, WG, False, True)
+    acc, m_i, l_i = _consume_tile(ring_tile(q_smem, WG), k_smem, v_smem, kv_ready, kv_empty, q_empty, first_row,
+                                  n_blocks, n_q, n_k, qk_scale, base, CAUSAL)
     _store_rows(acc, m_i, l_i, Out, Lse, (batch * heads + head).to(gl.int64) * n_q, first_row, n_q)
 
 
@@ -352,7 +252,7 @@ def _attn_fwd_ws_persistent(
     stride_vb, stride_vh, stride_vn,
     batch, n_q, n_k, heads, GROUP, qk_scale, SECTION_PROGRAMS, SECTION_CHUNKS, n_tiles, Schedule, Rounds, max_rounds,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCHEDULED: gl.constexpr = False,
+    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCHEDULED: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_heads = heads // GROUP
@@ -368,109 +268,33 @@ def _attn_fwd_ws_persistent(
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     kv_ready, kv_empty = buffer_barriers(STAGES)
-    turn = turn_barriers()  # unused: no turns here (the forward's measured level without them)
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, turn, Out, Lse,
-            n_tiles, n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, Schedule, Rounds, max_rounds)
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, kv_ready, kv_empty, Out, Lse, n_tiles,
+            n_q, n_k, heads, GROUP, SECTION_PROGRAMS, SECTION_CHUNKS, qk_scale, Schedule, Rounds, max_rounds)
+    # Constexprs reach a partition only inside a tuple written in the call (an assigned tuple turns
+    # them into run-time values).
     gl.warp_specialize([(_pfwd_consume, (args, 0, CAUSAL, SCHEDULED)), (_pfwd_consume, (args, 1, CAUSAL, SCHEDULED)),
                         (_pfwd_producer, (args, CAUSAL, SCHEDULED))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-MAX_PROGRAMS: Optional[int] = None  # programs of the persistent launch (default: one per SM); tests lower it
-# A tile's set-up (Q load, first K/V blocks, output store) in key blocks, for the schedule's cost model.
-TILE_SETUP_BLOCKS = 1
-_schedules: dict = {}  # launch parameters -> (schedule, rounds) on the device, the newest MAX_SCHEDULES
-MAX_SCHEDULES = 64
-_no_schedule: dict = {}  # device -> a one-entry int32 tensor standing in for the schedule of a strided launch
-
-
-def tile_order(n_tiles: int, n_q: int, heads: int, group: int, causal: bool, section_programs: int,
-               section_chunks: int) -> list[tuple[int, int, int, int]]:
-    """(batch, KV head, member, first row) of each launch-order position of 2 * BLOCK_M-row query
-    tiles: ``attention_common._query_block_at`` on the host."""
-    rows = 2 * BLOCK_M
-    num_m = -(-n_q // rows)
-    per_kv = group * num_m
-    n_chunks = n_tiles // per_kv
-    kv_heads = heads // group
-    section = max(min(-(-section_programs // per_kv), section_chunks), 1)
-    order = []
-    for pid in range(n_tiles):
-        first = pid // (section * per_kv) * section
-        within = pid - first * per_kv
-        per_block = min(section, n_chunks - first) * group
-        pid_m, rest = divmod(within, per_block)
-        if causal:
-            pid_m = num_m - 1 - pid_m
-        pid_bkv = first + rest // group
-        order.append((pid_bkv // kv_heads, pid_bkv % kv_heads, rest % group, pid_m * rows))
-    return order
-
-
-def tile_blocks(first_row: int, n_q: int, n_k: int, causal: bool) -> int:
-    """Key blocks a query tile from ``first_row`` streams (``gluon_common.key_blocks``' count)."""
-    hi = min(max(first_row + 2 * BLOCK_M + n_k - n_q, 0), n_k) if causal else n_k
-    return -(-hi // BLOCK_N)
-
-
-def forward_schedule(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, causal: bool, programs: int,
-                     sections: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(schedule, rounds) of a first-free persistent forward, cached per launch parameters: program p
-    takes launch-order positions ``schedule[p, :rounds[p]]`` (int32, on ``device``), each position
-    going to the program that frees up first, as the hardware assigns one-tile programs."""
-    key = (batch, heads, kv_heads, n_q, n_k, bool(causal), programs, sections["SECTION_PROGRAMS"],
-           sections["SECTION_CHUNKS"], str(device))
-
-    def build():
-        n_tiles = batch * heads * triton.cdiv(n_q, 2 * BLOCK_M)
-        order = tile_order(n_tiles, n_q, heads, heads // kv_heads, causal, sections["SECTION_PROGRAMS"],
-                           sections["SECTION_CHUNKS"])
-        costs = [tile_blocks(first_row, n_q, n_k, causal) + TILE_SETUP_BLOCKS for _, _, _, first_row in order]
-        table, rounds = schedule_tensors(first_free_schedule(costs, programs), list(range(n_tiles)))
-        return table.to(device), rounds.to(device)
-
-    return cached(_schedules, key, build, MAX_SCHEDULES)
-
-
-def launch(q, k, v, out, lse, causal: bool, qk_scale: float, sections: Optional[dict] = None,
-           pingpong: bool = False, persistent: bool = False, first_free: bool = False) -> None:
-    """Run the kernel: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
-    aligned rows; out (B, H, Nq, 128) contiguous; lse (B, H, Nq) float32; qk_scale in log2 units;
-    ``sections`` the SECTION_PROGRAMS and SECTION_CHUNKS of the launch order (default: one chunk per
-    section); ``pingpong``: the consumers take turns to issue matmuls; ``persistent``: one program
-    per SM walks the query tiles (``_attn_fwd_ws_persistent``; without turns): positions p, p + P,
-    p + 2P, ... of the launch order, or with ``first_free`` the lists of ``forward_schedule``. The
-    caller has set Triton's allocator (in-kernel descriptors need global scratch)."""
-    sections = sections or dict(SECTION_PROGRAMS=1, SECTION_CHUNKS=1)
+def launch(q, k, v, out, lse, causal: bool, qk_scale: float, p: PassPlan, schedule: torch.Tensor,
+           rounds: torch.Tensor) -> None:
+    """Run the forward: q (B, H, Nq, 128), k/v (B, Hkv, Nk, 128) with unit last stride and 16-byte
+    aligned rows; out (B, H, Nq, 128) contiguous and lse (B, H, Nq) float32 are written; qk_scale
+    (> 0) in log2 units. ``p`` is the plan's forward pass (kernel "gluon_persistent"): ``p.programs``
+    programs, tiles ``p.tiles`` (block_m, block_n, num_stages), launch-order sections ``p.walk``.
+    With ``p.first_free``, program i takes launch-order positions ``schedule[i, :rounds[i]]``
+    (schedule (programs, max_rounds), rounds (programs,), int32 on q's device, from
+    ``plan.forward_schedule``); otherwise both are ignored (a one-element int32 tensor will do). The
+    caller has set Triton's allocator: the in-kernel tensor descriptors need global scratch."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
-    tiles = batch * heads * triton.cdiv(n_q, 2 * BLOCK_M)
-    if first_free and not persistent:
-        raise ValueError("first_free=True: the first-free schedule is the persistent forward's (persistent=True)")
-    if persistent:
-        if pingpong:
-            raise ValueError("the persistent forward does not take turns (pingpong=True)")
-        programs = min(tiles, MAX_PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
-        if first_free:
-            schedule, rounds = forward_schedule(batch, heads, kv_heads, n_q, n_k, causal, programs, sections,
-                                                q.device)
-        else:
-            if q.device not in _no_schedule:
-                _no_schedule[q.device] = torch.zeros(1, dtype=torch.int32, device=q.device)
-            schedule = rounds = _no_schedule[q.device]
-        _attn_fwd_ws_persistent[(programs,)](
-            q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), batch, n_q, n_k, heads, heads // kv_heads, qk_scale,
-            sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], tiles, schedule, rounds, schedule.shape[-1],
-            HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-            CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, SCHEDULED=first_free, num_warps=NUM_WARPS,
-            maxnreg=MAXNREG,
-        )
-        return
-    grid = (tiles,)
-    _attn_fwd_ws[grid](
+    tiles = p.tiles
+    n_tiles = batch * heads * triton.cdiv(n_q, 2 * tiles.block_m)
+    _attn_fwd_ws_persistent[(p.programs,)](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), n_q, n_k, heads, heads // kv_heads, qk_scale,
-        sections["SECTION_PROGRAMS"], sections["SECTION_CHUNKS"], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, PINGPONG=pingpong, num_warps=NUM_WARPS,
+        v.stride(0), v.stride(1), v.stride(2), batch, n_q, n_k, heads, heads // kv_heads, qk_scale, p.walk.programs,
+        p.walk.chunks, n_tiles, schedule, rounds, schedule.shape[-1],
+        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages, CAUSAL=causal,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, SCHEDULED=p.first_free, num_warps=NUM_WARPS,
         maxnreg=MAXNREG,
     )
