@@ -3,14 +3,16 @@
     python -m mgqa.kernels.compile_check [--arch 90] [--ptx-dir DIR] [--only PREFIX]
 
 Triton's interpreter (how CI runs the kernels on CPU) accepts code the real compiler refuses, and
-says nothing about the instructions a kernel becomes. This compiles the forward, dQ and dK/dV
-kernels (head_dim 128, bf16, causal and not, pointer and tensor-descriptor loads) and, for sm_90,
-the warp-specialised Gluon forward (``attention_fwd_ws``) to PTX and reports, per variant, the
-shared memory, the Hopper matrix instructions (``wgmma``), the bulk tensor copies (TMA) and, where
-Triton's ptxas is installed, the bytes of register spills and whether ptxas serialised the
-``wgmma`` instructions. Exit status 1 if a variant fails to compile, if for sm_90 one uses no
-wgmma, if a warp-specialised kernel has its matrix instructions serialised, or if the
-warp-specialised forward or dQ kernel spills.
+says nothing about the instructions a kernel becomes. This compiles the plain-Triton forward, dQ
+and dK/dV kernels (head_dim 128, bf16, causal and not, pointer and tensor-descriptor loads, each
+with the plan's first tile config), the decode kernels and, for sm_90, the Gluon kernels as the
+default plan runs them (``plan.plan_attention`` on an H100: the persistent forward, strided and with
+first-free tile lists; dQ; dK/dV per key tile with 1 and 2 group splits, and persistent) to PTX.
+It reports, per variant, the shared memory, the Hopper matrix instructions (``wgmma``), the bulk
+tensor copies (TMA) and, where Triton's ptxas is installed, the bytes of register spills and
+whether ptxas serialised the ``wgmma`` instructions. Exit status 1 if a variant fails to compile,
+if for sm_90 one uses no wgmma, if a Gluon kernel has its matrix instructions serialised, or if the
+Gluon forward or dQ kernel or a decode kernel spills.
 Needs Triton's NVIDIA backend (bundled with the Linux wheels) and must run with
 ``TRITON_INTERPRET`` unset.
 """
@@ -31,12 +33,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mgqa.kernels import attention_bwd, attention_fwd, decode
+from mgqa.kernels import decode, plan, tl_dkdv, tl_dq, tl_fwd
 
 FLOAT_ARGS = ("qk_scale", "sm_scale")
 INT_ARGS_UPPER = ("N_BUCKET", "GROUP", "SPLITS", "SECTION_PROGRAMS", "SECTION_CHUNKS")  # runtime integers despite their names
-FP32_POINTERS = ("Lse", "Delta", "DQ_ACC", "PartOut", "PartLse")  # DQ_ACC: the atomic-dQ buffer (the Gluon kernel's is unused without DQ)
+FP32_POINTERS = ("Lse", "Delta", "PartOut", "PartLse")
 INT32_POINTERS = ("Schedule", "Rounds", "Lengths")  # the persistent kernels' tile lists; decode lengths
+# What the Gluon variants are planned for: an H100 (132 SMs, 50 MB of L2), bf16, 4 x 4k tokens of 16
+# query heads, GQA (4 KV heads: dK/dV per key tile) and MHA (dK/dV persistent).
+H100 = plan.DeviceProps(capability=(9, 0), sms=132, l2_bytes=50 * 2**20)
+GLUON_PREFIX = "gluon"
 
 
 def _constexpr_defaults(fn) -> dict:
@@ -70,22 +76,23 @@ def _aligned_attrs(jit_fn, constexprs: dict) -> dict:
 
 
 def variants():
-    """(name, jit function, constexprs, num_warps, num_stages) of every variant compiled."""
+    """(name, jit function, constexprs, launch options) of every plain-Triton variant compiled."""
     for use_tma in (0, 1):
         for causal in (0, 1):
             common = {"HEAD_DIM": 128, "BLOCK_D": 128, "CAUSAL": causal, "INPUT_PRECISION": "ieee", "USE_TMA": use_tma}
             tag = f"tma={use_tma} causal={causal}"
-            # Each kernel's first (default) launch configuration.
-            for name, fn, extra, cfg in [
-                ("fwd ", attention_fwd._attn_fwd.fn, {"SOFTMAX": 0}, attention_fwd.GPU_CONFIGS[0]),
-                ("dq  ", attention_bwd._attn_bwd_dq.fn, {}, attention_bwd.DQ_GPU_CONFIGS[0]),
-                ("dkdv", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0}, attention_bwd.DKDV_GPU_CONFIGS[0]),
+            # Each kernel's first (default) tile config for bf16 at head_dim 128.
+            for name, fn, kind, extra in [
+                ("fwd ", tl_fwd._attn_fwd, "fwd", {}),
+                ("dq  ", tl_dq._attn_bwd_dq, "dq", {}),
+                ("dkdv", tl_dkdv._attn_bwd_dkdv, "dkdv", {}),
                 # One query loop per head, flattened with the head loop (what MHA shapes run).
-                ("dkdv1", attention_bwd._attn_bwd_dkdv_kernel, {"ATOMIC_DQ": 0, "ONE_LOOP": 1, "FLATTEN": 1},
-                 attention_bwd.DKDV_GPU_CONFIGS[0]),
+                ("dkdv1", tl_dkdv._attn_bwd_dkdv, "dkdv", {"ONE_LOOP": 1, "FLATTEN": 1}),
             ]:
-                constexprs = {**_constexpr_defaults(fn.fn), **common, **extra, **cfg.kwargs}
-                yield f"{name} {tag}", fn, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                tiles = plan.tl_configs(kind, 128, 2, interpreter=False)[0]
+                constexprs = {**_constexpr_defaults(fn.fn), **common, **extra, "BLOCK_M": tiles.block_m,
+                              "BLOCK_N": tiles.block_n}
+                yield f"{name} {tag}", fn, constexprs, {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     yield from decode_variants()
 
 
@@ -104,48 +111,35 @@ def decode_variants():
         {"num_warps": 4}
 
 
-def ws_variants():
-    """The warp-specialised Gluon kernels (sm_90 only), forward, dK/dV (one program per key tile,
-    persistent with and without the copy engine's dK/dV stores, and split over the group) and dQ, causal
-    and not, as their ``launch`` functions run them; the forward and dQ also with their consumers
-    taking turns (ping-pong), dQ with its dQ matmul issued under the next block's (overlap), and the
-    persistent forward, strided and with first-free tile lists."""
-    from mgqa.kernels import attention_bwd_ws, attention_dq_ws, attention_fwd_ws  # noqa: PLC0415 (needs Gluon)
+def gluon_variants():
+    """The Gluon kernels (sm_90 only) as the default plan runs them, causal and not: the persistent
+    forward with strided and first-free tile lists, dQ, dK/dV per key tile with 1 and 2 group splits
+    (GQA), and the persistent dK/dV (MHA)."""
+    from mgqa.kernels import gluon_dkdv, gluon_dkdv_persistent, gluon_dq, gluon_fwd  # noqa: PLC0415 (needs Gluon)
+    from mgqa.kernels.gluon_common import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS  # noqa: PLC0415
 
-    for tag, ws, fn in (("fwdws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
-                        ("fwdppws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws),
-                        ("fwdpws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws_persistent),
-                        ("fwdpfws", attention_fwd_ws, attention_fwd_ws._attn_fwd_ws_persistent),
-                        ("dkdvws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
-                        ("dkdvpws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
-                        ("dkdvptmaws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws_persistent),
+    options = {"num_warps": NUM_WARPS, "maxnreg": MAXNREG}
+    for causal in (0, 1):
+        gqa = plan.plan_attention(4, 16, 4, 4096, 4096, 128, "bfloat16", bool(causal), 0.088, H100)
+        mha = plan.plan_attention(4, 16, 16, 4096, 4096, 128, "bfloat16", bool(causal), 0.088, H100)
+        assert (gqa.forward.kernel, gqa.dq.kernel, gqa.dkdv.kernel, mha.dkdv.kernel) == \
+            ("gluon_persistent", "gluon", "gluon", "gluon_persistent"), (gqa.describe(), mha.describe())
 
-                        ("dkdvsplitws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
-                        ("dkdvdqws", attention_bwd_ws, attention_bwd_ws._attn_bwd_dkdv_ws),
-                        ("dqws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws),
-                        ("dqovws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws),
-                        ("dqppws", attention_dq_ws, attention_dq_ws._attn_bwd_dq_ws)):
-        for causal in (0, 1):
-            constexprs = {"HEAD_DIM": 128, "BLOCK_M": ws.BLOCK_M, "BLOCK_N": ws.BLOCK_N, "CAUSAL": causal,
-                          "CONSUMER_REGS": ws.CONSUMER_REGS, "PRODUCER_REGS": ws.PRODUCER_REGS}
-            if tag in ("dkdvws", "dkdvsplitws", "dkdvdqws"):
-                settings = ws.FUSED_SETTINGS if tag == "dkdvdqws" else ws.SETTINGS
-                constexprs["STAGES"], constexprs["PREFETCH"] = settings[bool(causal)]
-                constexprs["SPLITS"] = 4 if tag == "dkdvsplitws" else 1  # 4: group splits, float32 partials
-                constexprs["DQ"] = tag == "dkdvdqws"  # dQ too, with float32 atomics
-            elif tag in ("dkdvpws", "dkdvptmaws"):
-                constexprs["STAGES"], constexprs["PREFETCH"], constexprs["KV_SETS"] = \
-                    ws.PERSISTENT_SETTINGS[bool(causal)]
-                constexprs["TMA_STORE"] = tag == "dkdvptmaws"  # dK/dV by the copy engine
-            else:
-                constexprs["STAGES"] = ws.STAGES
-                if tag in ("fwdpws", "fwdpfws"):  # the persistent forward takes no turns
-                    constexprs["SCHEDULED"] = tag == "fwdpfws"  # first-free tile lists
-                else:
-                    constexprs["PINGPONG"] = tag in ("fwdppws", "dqppws")
-                if tag.startswith("dq"):
-                    constexprs["OVERLAP"] = tag in ("dqovws", "dqppws")
-            yield f"{tag} tma=1 causal={causal}", fn, constexprs, {"num_warps": ws.NUM_WARPS, "maxnreg": ws.MAXNREG}
+        def constexprs(p, **extra):
+            return {"HEAD_DIM": 128, "BLOCK_M": p.tiles.block_m, "BLOCK_N": p.tiles.block_n,
+                    "STAGES": p.tiles.num_stages, "CAUSAL": causal, "CONSUMER_REGS": CONSUMER_REGS,
+                    "PRODUCER_REGS": PRODUCER_REGS, **extra}
+
+        tag = f"tma=1 causal={causal}"
+        for first_free, name in ((False, "gluon_fwd"), (True, "gluon_fwd_ff")):
+            yield f"{name} {tag}", gluon_fwd._attn_fwd_ws_persistent, constexprs(gqa.forward, SCHEDULED=first_free), \
+                options
+        yield f"gluon_dq {tag}", gluon_dq._attn_bwd_dq_ws, constexprs(gqa.dq), options
+        for splits, name in ((1, "gluon_dkdv"), (2, "gluon_dkdv_s2")):
+            yield f"{name} {tag}", gluon_dkdv._attn_bwd_dkdv_ws, \
+                constexprs(gqa.dkdv, PREFETCH=gqa.dkdv.tiles.prefetch, SPLITS=splits), options
+        yield f"gluon_dkdv_p {tag}", gluon_dkdv_persistent._attn_bwd_dkdv_ws_persistent, \
+            constexprs(mha.dkdv, PREFETCH=mha.dkdv.tiles.prefetch, KV_SETS=mha.dkdv.tiles.kv_sets), options
 
 
 def _ptxas_report(ptx: str) -> tuple[str, str]:
@@ -178,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':28s} {'shared B':>9s} {'wgmma':>6s} {'TMA':>4s} {'spill B':>8s} {'serialised':>10s}")
     builds = list(variants())
     if args.arch == 90:
-        builds += list(ws_variants())
+        builds += list(gluon_variants())
     if args.only is not None:
         builds = [b for b in builds if b[0].startswith(args.only)]
         if not builds:
             parser.error(f"--only {args.only!r} matches no variant")
     for name, fn, constexprs, options in builds:
         try:
-            if name.split()[0].endswith("ws"):
+            if name.startswith(GLUON_PREFIX):
                 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
                 source = GluonASTSource(fn, _signature(fn, constexprs), constexprs)
@@ -205,11 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.arch >= 90 and wgmma == 0 and not name.startswith("dec"):
             failed += 1
             name += " (no wgmma)"
-        if name.split()[0].endswith("ws") and serialised == "yes":
+        if name.startswith(GLUON_PREFIX) and serialised == "yes":
             failed += 1
             name += " (serialised)"
-        if name.startswith(("fwdws", "fwdppws", "fwdpws", "fwdpfws", "dqws", "dqovws", "dqppws", "dec")) \
-                and spills not in ("0", "-"):
+        if name.startswith(("gluon_fwd", "gluon_dq", "dec")) and spills not in ("0", "-"):
             failed += 1
             name += " (spills)"
         print(f"{name:28s} {kernel.metadata.shared:9d} {wgmma:6d} {tma:4d} {spills:>8s} {serialised:>10s}")

@@ -1,19 +1,19 @@
-"""What the Gluon (warp-specialised, sm_90) kernels share: the layouts of one warpgroup of 4 warps
-issuing ``wgmma`` with the accumulator in registers, the K/V tensor descriptors, the query-block
-program order, the key blocks a block of query rows needs, the two consumers' turns to issue
-matmuls (ping-pong), and which inputs they take."""
+"""What the Gluon (warp-specialised, sm_90) kernels share: the register budget of their three
+partitions, the layouts of one warpgroup of 4 warps issuing ``wgmma`` with the accumulator in
+registers, the tensor descriptors they load through, the query-block program order, the key blocks a
+block of query rows needs, and the ring of shared-memory buffers one producer warp fills for two
+consumer warpgroups.
+
+Tile sizes are not here: ``plan.py`` chooses them and each launch passes them as constexprs."""
 
 from __future__ import annotations
-
-import heapq
-from typing import Callable, Optional
 
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from mgqa.kernels.attention_common import _query_block_at, _query_block_program
+from mgqa.kernels.tl_common import _query_block_at, _query_block_program
 
 
 # Every Gluon kernel here runs 4 warps (consumer 0, the default partition) + 4 (consumer 1) + 1
@@ -62,22 +62,12 @@ def kv_descriptors(K, V, batch, kv_head, stride_kb, stride_kh, stride_kn, stride
     return k_desc, v_desc
 
 
-def unsupported_reason(head_dim: int, dtype_name: str, capability: tuple[int, int], head_dims) -> Optional[str]:
-    """None if a Gluon kernel built for sm_90 and ``head_dims`` runs this case, else why not."""
-    if capability != (9, 0):
-        return f"compute capability {capability[0]}.{capability[1]} (the kernel uses sm_90's wgmma)"
-    if head_dim not in head_dims:
-        return f"head_dim {head_dim} (built for {tuple(head_dims)})"
-    if dtype_name not in ("float16", "bfloat16"):
-        return f"dtype {dtype_name}"
-    return None
-
 
 @gluon.jit
 def query_block_program(n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL: gl.constexpr, SECTION_PROGRAMS,
                         SECTION_CHUNKS):
     """(batch, kv_head, head, first row) of this program on a 1-D grid of ROWS-row query blocks: the
-    tl kernels' launch order (attention_common._query_block_program, called from Gluon on scalars),
+    tl kernels' launch order (tl_common._query_block_program, called from Gluon on scalars),
     sections of a few (batch, KV head) chunks; SECTION_CHUNKS = 1 is the plain (chunk, query block,
     member) order."""
     batch, kv_head, member, first_row = _query_block_program(n_q, heads, GROUP, ROWS, CAUSAL, SECTION_PROGRAMS,
@@ -99,7 +89,7 @@ def query_block_at(tile, n_tiles, n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL:
 def key_blocks(first_row, rows, n_q, n_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """(full, count) for query rows [first_row, first_row + rows): the first ``full`` key blocks are
     visible to every row (no mask), and ``count`` blocks hold any key they see (as
-    attention_common._key_range; causal aligned bottom-right)."""
+    tl_common._key_range; causal aligned bottom-right)."""
     offset = n_k - n_q
     if CAUSAL:
         hi = gl.minimum(gl.maximum(first_row + rows + offset, 0), n_k)
@@ -169,61 +159,3 @@ def stream_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, n_blocks):
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [j * TILE_N, 0], bar, k_smem.index(stage))
         tma.async_copy_global_to_shared(v_desc, [j * TILE_N, 0], bar, v_smem.index(stage))
-
-
-@gluon.jit
-def turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """Wait until it is warpgroup WG's k-th turn to issue matmuls (a no-op without PINGPONG).
-    Warpgroup 0 goes first: a fresh mbarrier counts as having completed the phase before its first."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
-
-
-@gluon.jit
-def turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """Hand the turn to the other warpgroup (one arrival on its barrier)."""
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-
-
-@gluon.jit
-def turn_barriers():
-    """The two warpgroups' turn barriers (one arrival completes a phase)."""
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    return turn
-
-
-def first_free_schedule(costs: list[float], programs: int) -> list[list[int]]:
-    """Positions 0..len(costs)-1, in order, each given to the program that frees up first (the
-    lowest-numbered one on a tie): every program's list is increasing. What the hardware does with
-    one program per tile, made on the host for a persistent launch."""
-    free = [(0.0, program) for program in range(programs)]
-    lists: list[list[int]] = [[] for _ in range(programs)]
-    for position, cost in enumerate(costs):
-        time, program = heapq.heappop(free)
-        lists[program].append(position)
-        heapq.heappush(free, (time + cost, program))
-    return lists
-
-
-def schedule_tensors(lists: list[list[int]], entries: list[int]):
-    """(schedule, rounds) int32 CPU tensors of a persistent launch: program p takes
-    ``entries[position]`` for each position of ``lists[p]``, in order."""
-    import torch  # noqa: PLC0415 (host side only)
-
-    table = torch.zeros((len(lists), max(1, max(len(positions) for positions in lists))), dtype=torch.int32)
-    for program, positions in enumerate(lists):
-        table[program, :len(positions)] = torch.tensor([entries[p] for p in positions], dtype=torch.int32)
-    return table, torch.tensor([len(positions) for positions in lists], dtype=torch.int32)
-
-
-def cached(cache: dict, key, build: Callable, limit: int):
-    """cache[key], built on first use; the oldest entry goes once there are ``limit`` (many shapes,
-    e.g. evaluation at varying lengths)."""
-    if key not in cache:
-        if len(cache) >= limit:
-            cache.pop(next(iter(cache)))
-        cache[key] = build()
-    return cache[key]
