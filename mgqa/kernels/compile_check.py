@@ -101,12 +101,11 @@ def decode_variants():
     its combine, with the launch settings ``decode_attention`` picks for bf16."""
     for group, n_q in ((4, 1), (32, 1), (4, 8)):
         for one_split in (0, 1):
-            launch = decode.decode_launch(128, group * n_q, torch.bfloat16)
-            block_m = min(launch.pop("BLOCK_M"), decode.MAX_ROWS)
-            constexprs = {"GROUP": group, "N_Q": n_q, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": block_m,
-                          "CAUSAL": 1, "ONE_SPLIT": one_split, "INPUT_PRECISION": "tf32",
-                          "BLOCK_N": launch.pop("BLOCK_N")}
-            yield f"dec g={group} nq={n_q} split={1 - one_split}", decode._decode_split, constexprs, launch
+            tiles = plan.decode_tiles(128, group * n_q, "bfloat16", H100)
+            constexprs = {"GROUP": group, "N_Q": n_q, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": tiles.block_m,
+                          "CAUSAL": 1, "ONE_SPLIT": one_split, "INPUT_PRECISION": "tf32", "BLOCK_N": tiles.block_n}
+            yield (f"dec g={group} nq={n_q} split={1 - one_split}", decode._decode_split, constexprs,
+                   {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
     yield "dec combine", decode._decode_combine, {"N_Q": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 64}, \
         {"num_warps": 4}
 
