@@ -24,7 +24,8 @@ def nan_poison():
     """Every uninitialised tensor (torch.empty, hence every kernel output before the kernel writes
     it) starts as NaN: an element a kernel forgets to write fails the test. warn_only: on CUDA,
     cuBLAS matmuls (the reference) would otherwise refuse to run without CUBLAS_WORKSPACE_CONFIG."""
-    was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     was_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
