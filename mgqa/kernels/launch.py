@@ -41,17 +41,21 @@ def device_props(device: torch.device) -> DeviceProps:
     return props
 
 
-def _triton_version() -> tuple[int, int]:
-    major, minor = (triton.__version__.split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def gluon_version_reason(version: str) -> Optional[str]:
+    """None if Triton ``version`` (e.g. "3.6.0", "3.7.0+git1a2b") has the Gluon API the kernels use,
+    else why not."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    if (int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)) >= GLUON_MIN_TRITON:
+        return None
+    return f"triton {version} older than {'.'.join(map(str, GLUON_MIN_TRITON))} (the Gluon API the kernels use)"
 
 
 def gluon_module(name: str):
     """mgqa.kernels.<name> (a Gluon kernel module), or a string saying why it cannot be imported."""
     if name not in _gluon:
-        if _triton_version() < GLUON_MIN_TRITON:
-            _gluon[name] = (f"triton {triton.__version__} older than {'.'.join(map(str, GLUON_MIN_TRITON))} "
-                            "(the Gluon API the kernels use)")
+        reason = gluon_version_reason(triton.__version__)
+        if reason is not None:
+            _gluon[name] = reason
         else:
             try:
                 _gluon[name] = importlib.import_module(f"mgqa.kernels.{name}")

@@ -63,7 +63,8 @@ def _forward(q, k, v, causal, scale, options):
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, options):
-    grad_out = _last_dim_contiguous(grad_out)
+    # The saved q, k, v are the caller's tensors, not the forward's contiguous copies.
+    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
     plan = launch.plan_for(q, k, causal, scale, options, v, grad_out)
     return launch.backward(grad_out, q, k, v, out, lse, causal, scale, plan)
 
