@@ -51,9 +51,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def plan_for_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: Optional[float] = None,
                     options: Optional[KernelOptions] = None) -> AttentionPlan:
-    """The plan a ``triton_attention`` call on these inputs carries out (forward's view of the layout)."""
+    """The plan a ``triton_attention`` call on these inputs carries out in its forward pass."""
     check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return launch.plan_for(q, k, bool(causal), scale, options or _default, v)
 
 
