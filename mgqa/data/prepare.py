@@ -31,7 +31,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from mgqa.data.shards import DTYPES, FORMAT, MANIFEST, VERSION, pick_dtype, shard_name, tokenizer_hash, write_atomic
+from mgqa.atomic import atomic_write_bytes
+from mgqa.data.shards import DTYPES, FORMAT, MANIFEST, VERSION, pick_dtype, shard_name, tokenizer_hash
 from mgqa.data.sources import DocumentSource
 from mgqa.data.stream import holdout_by_count, holdout_by_hash
 from mgqa.data.tokenizer import build_tokenizer
@@ -82,8 +83,8 @@ class ShardWriter:
         n_ends = int(np.searchsorted(np.asarray(self.ends, dtype=np.int64), stop, side="right"))
         ends = np.asarray(self.ends[:n_ends], dtype=np.int64) - self.written
         name = shard_name(self.split, len(self.shards))
-        write_atomic(self.out / f"{name}.idx", ends.tobytes())
-        write_atomic(self.out / f"{name}.bin", tokens.astype(DTYPES[self.dtype], copy=False).tobytes())
+        atomic_write_bytes(self.out / f"{name}.idx", ends.tobytes())
+        atomic_write_bytes(self.out / f"{name}.bin", tokens.astype(DTYPES[self.dtype], copy=False).tobytes())
         self.shards.append({"file": f"{name}.bin", "tokens": int(size), "documents": int(n_ends)})
         self.ends = self.ends[n_ends:]
         self.pending, self.pending_tokens, self.written = [rest], rest.size, stop
@@ -213,7 +214,7 @@ def _save_progress(out: Path, key: dict, position: tuple[int, int, int], read: i
             "writers": {s: {k: v for k, v in st.items() if k != "pending"} for s, st in states.items()}}  # fmt: skip
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **{f"pending_{s}": st["pending"] for s, st in states.items()})
-    write_atomic(out / PROGRESS, buffer.getvalue())
+    atomic_write_bytes(out / PROGRESS, buffer.getvalue())
 
 
 def _check_options(cfg: DictConfig) -> None:
@@ -318,7 +319,7 @@ def prepare(cfg: DictConfig, print_fn=print, progress: bool = True) -> Path:
         )
     manifest = {"format": FORMAT, "version": VERSION, **key, "splits": {s: w.summary() for s, w in writers.items()},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     (out / PROGRESS).unlink(missing_ok=True)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     print_fn(

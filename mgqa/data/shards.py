@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -53,17 +52,6 @@ def pick_dtype(requested: str, vocab_size: int) -> str:
             f"a vocabulary of {vocab_size} tokens does not fit uint16 (at most 65536); use dtype=uint32 or auto"
         )
     return requested
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync it and rename it over ``path``: a crash leaves the
-    old file or the new one, never a torn one that looks complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_name(split: str, index: int) -> str:

@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import statistics
@@ -29,6 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
+
+from mgqa.atomic import atomic_write
 
 log = logging.getLogger("mgqa")
 
@@ -312,8 +313,8 @@ class SweepSummary(Callback):
         row = job_row(config, job_return)
         sweep_dir = Path(config.hydra.sweep.dir)
         self.rows = record_row(sweep_dir, row)
-        _atomic_write(sweep_dir / "summary.csv", lambda tmp: _write_csv(self.rows, tmp))
-        _atomic_write(sweep_dir / "summary.png", lambda tmp: plot_sweep(self.rows, tmp, self.sweep_keys))
+        atomic_write(sweep_dir / "summary.csv", lambda tmp: _write_csv(self.rows, tmp))
+        atomic_write(sweep_dir / "summary.png", lambda tmp: plot_sweep(self.rows, tmp, self.sweep_keys))
         if row["status"] != "ok":
             error = job_return._return_value
             # A wrong input is its one-line message; anything else keeps its traceback in the log.
@@ -355,7 +356,7 @@ def record_row(sweep_dir: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     """Store ``row`` in its job's directory; return the rows of every job of the sweep, by job number."""
     job_dir = Path(row["run_dir"])
     job_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(job_dir / ROW_FILE, lambda tmp: tmp.write_text(json.dumps(row)))
+    atomic_write(job_dir / ROW_FILE, lambda tmp: tmp.write_text(json.dumps(row)))
     return recorded_rows(sweep_dir)
 
 
@@ -376,12 +377,3 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader (or a job running at the same time) never sees half a file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        if tmp.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -37,14 +37,13 @@ def test_kill_during_checkpoint_write_keeps_the_previous_file(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.stat().st_size > 0 for p in tmp_path.glob(".last.ckpt.*.tmp")):
+    while time.time() < deadline and not any(p.stat().st_size > 0 for p in tmp_path.glob(".last.ckpt.*.tmp*")):
         time.sleep(0.005)
-    assert any(tmp_path.glob(".last.ckpt.*.tmp")), "the writer never started its temporary file"
+    assert any(tmp_path.glob(".last.ckpt.*.tmp*")), "the writer never started its temporary file"
     proc.kill()  # kill -9 in the middle of the write
     proc.wait()
     survivor = load_checkpoint(target)
     assert survivor["global_step"] == 1 and torch.equal(survivor["state_dict"]["w"], torch.ones(3))
-    assert not target.with_name("last.ckpt.tmp").exists()
 
 
 def test_ckpt_path_last_starts_fresh_then_resumes_and_skips_a_corrupt_file(tmp_path, caplog):
