@@ -13,7 +13,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from mgqa.kernels.tl_common import _query_block_at, _query_block_program
+from mgqa.kernels.tl_common import _key_range, _query_block_at, _query_block_program
 
 
 # Every Gluon kernel here runs 4 warps (consumer 0, the default partition) + 4 (consumer 1) + 1
@@ -89,15 +89,9 @@ def query_block_at(tile, n_tiles, n_q, heads, GROUP, ROWS: gl.constexpr, CAUSAL:
 def key_blocks(first_row, rows, n_q, n_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """(full, count) for query rows [first_row, first_row + rows): the first ``full`` key blocks are
     visible to every row (no mask), and ``count`` blocks hold any key they see (as
-    tl_common._key_range; causal aligned bottom-right)."""
-    offset = n_k - n_q
-    if CAUSAL:
-        hi = gl.minimum(gl.maximum(first_row + rows + offset, 0), n_k)
-        full = gl.minimum(gl.maximum(first_row + offset + 1, 0), n_k) // BLOCK_N
-    else:
-        hi = n_k
-        full = n_k // BLOCK_N
-    return full, gl.cdiv(hi, BLOCK_N)
+    tl_common._key_range, in blocks)."""
+    hi_full, hi = _key_range(first_row, n_q, n_k, rows, BLOCK_N, CAUSAL)
+    return hi_full // BLOCK_N, gl.cdiv(hi, BLOCK_N)
 
 
 @gluon.jit

@@ -39,6 +39,7 @@ from mgqa.kernels.gluon_common import (
     wgmma_layout,
 )
 from mgqa.kernels.plan import PassPlan
+from mgqa.kernels.tl_common import _key_block_at
 
 
 @gluon.jit
@@ -48,12 +49,8 @@ def _key_tile(tile, num_n, n_chunks, kv_heads, SECTION_PROGRAMS, SECTION_CHUNKS)
     share L2, ordered (key block, chunk) within a section, so under a causal mask the first key
     blocks, which see the most queries, start first across the section. With one chunk per section:
     (chunk, key block)."""
-    section = gl.maximum(gl.minimum(gl.cdiv(SECTION_PROGRAMS, num_n), SECTION_CHUNKS), 1)
-    first = tile // (section * num_n) * section
-    within = tile - first * num_n
-    count = gl.minimum(section, n_chunks - first)
-    chunk = first + within % count
-    return chunk // kv_heads, chunk % kv_heads, chunk, within // count
+    chunk, pid_n = _key_block_at(tile, num_n, n_chunks, SECTION_PROGRAMS, SECTION_CHUNKS)
+    return chunk // kv_heads, chunk % kv_heads, chunk, pid_n
 
 
 @gluon.jit

@@ -90,14 +90,20 @@ def _key_block_program(n_k, SPLITS, BLOCK_N: tl.constexpr, SECTION_PROGRAMS, SEC
     across the whole section. With one chunk per section: (chunk, key block).
     """
     num_n = tl.cdiv(n_k, BLOCK_N)
-    pid = tl.program_id(0)
-    n_chunks = tl.num_programs(0) // num_n
+    chunk, pid_n = _key_block_at(tl.program_id(0), num_n, tl.num_programs(0) // num_n, SECTION_PROGRAMS,
+                                 SECTION_CHUNKS)
+    return pid_n, chunk % SPLITS, chunk // SPLITS
+
+
+@triton.jit
+def _key_block_at(pid, num_n, n_chunks, SECTION_PROGRAMS, SECTION_CHUNKS):
+    """(chunk, key block) at position ``pid`` of the key-block launch order of ``n_chunks`` chunks of
+    ``num_n`` key blocks (``_key_block_program``; the Gluon dK/dV kernel's order too)."""
     section = _section_chunks(num_n, SECTION_PROGRAMS, SECTION_CHUNKS)
     first = pid // (section * num_n) * section
     within = pid - first * num_n
     count = tl.minimum(section, n_chunks - first)
-    chunk = first + within % count
-    return within // count, chunk % SPLITS, chunk // SPLITS
+    return first + within % count, within // count
 
 
 @triton.jit
