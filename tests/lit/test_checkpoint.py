@@ -1,5 +1,6 @@
 """Checkpoint safety: atomic writes, ckpt_path=last, bad and unsafe checkpoints, non-finite losses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -168,3 +169,23 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, signum):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"(step {stopped})" in done.stdout + done.stderr
     assert train_steps(tmp_path / "sig") == list(range(stopped + 3))
+
+
+def test_resume_keeps_a_non_default_end_of_text_token(tmp_path):
+    """The resume check compares the checkpoint's tokenizer with the data module's own, end-of-text
+    token included: a run trained with ``data.eot_token`` set resumes, and the same tokenizer with
+    another end-of-text token is refused, naming the tokenizer."""
+    spec = json.loads((ROOT / "data/tokenizers/shakespeare-bpe-2k.json").read_text())
+    vocab = spec["model"]["vocab"]
+    new_id = max(max(vocab.values()), *(t["id"] for t in spec["added_tokens"])) + 1
+    spec["added_tokens"].append({**spec["added_tokens"][0], "id": new_id, "content": "<|doc|>"})
+    tokenizer = tmp_path / "two-ends.json"
+    tokenizer.write_text(json.dumps(spec))
+    run_dir = tmp_path / "run"
+    data = (f"data.tokenizer={tokenizer}", "data.eot_token='<|doc|>'")
+    trained_run(run_dir, *data)
+    train(compose(*SHORT, *data, f"run_dir={run_dir}", "ckpt_path=last", "trainer.max_steps=9"))
+    assert train_steps(run_dir) == list(range(9))
+    with pytest.raises((CheckpointError, ConfigError), match="tokenizer"):
+        train(compose(*SHORT, f"data.tokenizer={tokenizer}", f"run_dir={run_dir}", "ckpt_path=last",
+                      "trainer.max_steps=12"))
