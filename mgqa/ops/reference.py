@@ -103,6 +103,9 @@ def reference_decode_attention(
     vf = v_cache.to(upcast).unsqueeze(2)  # (B, Hkv, 1, L, D)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, Nq, L)
     mask = cache_mask(lengths, n_q, capacity, causal=causal).unsqueeze(1)  # (B, 1, 1, Nq, L)
-    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), nan=0.0)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    # A row that sees no position (length 0) is zeroed by the mask, never by value, so that a NaN in
+    # q or the cache still reaches the output.
+    probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     out = torch.matmul(probs, vf)  # (B, Hkv, G, Nq, D)
     return out.reshape(batch, heads, n_q, head_dim).to(q.dtype)

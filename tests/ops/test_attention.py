@@ -105,3 +105,12 @@ def test_auto_takes_cudnn_where_sdpa_runs_it_and_triton_elsewhere_on_cuda():
     assert _auto(triton_unsupported="head_dim 48 not in (...)") == ("sdpa", "head_dim 48 not in (...)")
     assert _auto(dropout_p=0.1)[0] == "sdpa"
     assert _auto(device_type="cpu") == ("sdpa", "inputs on cpu")
+
+
+def test_decode_reference_zeroes_empty_rows_by_the_mask_and_keeps_nans():
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    lengths = torch.tensor([0, 3])
+    out = ops.reference_decode_attention(q, k, v, lengths, causal=False)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out[1]).all()
+    k[1, 0, 1] = float("nan")  # a NaN in a visible position reaches the output, as with SDPA
+    assert torch.isnan(ops.reference_decode_attention(q, k, v, lengths, causal=False)[1, :2]).all()
