@@ -41,7 +41,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     ff: str = "gelu"  # swiglu | gelu
     ff_mult: float = 4.0  # hidden width = ff_mult * dim (SwiGLU: 2/3 of that, as in Llama)
-    bias: bool = True  # biases in every linear layer of the blocks (fused qkv, attention output, feed-forward) and LayerNorm; never the LM head
+    # Biases in every linear layer of the blocks (fused qkv, attention output, feed-forward) and in
+    # LayerNorm; never in the LM head.
+    bias: bool = True
     tie_embeddings: bool = False
     dropout: float = 0.0  # on attention probabilities, block residual branches and embeddings
     attn_backend: str = "auto"  # auto | sdpa | reference | triton, see mgqa.ops.attention
