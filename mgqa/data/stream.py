@@ -37,8 +37,8 @@ import zlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
+from mgqa.data.readers import ReaderShares
 from mgqa.data.sources import DataError, DocumentSource
 
 log = logging.getLogger("mgqa")
@@ -130,7 +130,7 @@ def _cut_windows(chunks: Iterator[torch.Tensor], seq_len: int) -> Iterator[torch
         pending, size = [tail], tail.numel()
 
 
-class PackedStream(IterableDataset):
+class PackedStream(ReaderShares):
     """Packed ``(inputs, targets)`` windows, each (seq_len,) int64, of one split of ``source``.
 
     ``keep(shard, j)`` selects this split's documents. Pass ``counts`` (from ``count_tokens``) for
@@ -159,15 +159,11 @@ class PackedStream(IterableDataset):
     ) -> None:
         if (counts is None) == (batches_per_epoch is None):
             raise ValueError("give exactly one of counts (counted epochs) or batches_per_epoch (fixed epochs)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self._place(rank, world_size, num_workers)
         self.source, self.tokenizer, self.split_name = source, tokenizer, split_name
         self.seq_len, self.batch_size = seq_len, batch_size
         self.keep = keep or _keep_all
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, max(1, shuffle_buffer), seed
-        self.rank, self.world_size = rank, world_size
-        self.workers = max(1, num_workers)
-        self.consumers = world_size * self.workers
         if counts is not None:
             # Tokens each kept document adds to the stream: its text and an end-of-text token.
             self.doc_tokens = [
@@ -175,14 +171,7 @@ class PackedStream(IterableDataset):
             ]
             self.shard_tokens = [sum(shard) for shard in self.doc_tokens]
             total_windows = max(0, sum(self.shard_tokens) - 1) // seq_len
-            self.windows_per_consumer = total_windows // self.consumers // batch_size * batch_size
-            if self.windows_per_consumer == 0:
-                raise DataError(
-                    f"the {split_name} split has {total_windows} windows of {seq_len} tokens, fewer than one batch "
-                    f"for each of {self.consumers} readers (world_size {world_size} x workers {self.workers} x "
-                    f"data.batch_size {batch_size} = {self.consumers * batch_size}); lower the batch size, seq_len "
-                    "or workers, or add text"
-                )
+            self.windows_per_consumer = self._even_share(total_windows, batch_size, split_name, seq_len, "add text")
         else:
             if not isinstance(batches_per_epoch, int) or batches_per_epoch < self.workers:
                 raise DataError(
@@ -204,13 +193,6 @@ class PackedStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["yielded"]), state.get("origin"))
-
-    def _consumer(self) -> int:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.workers:
-            raise RuntimeError(f"dataset built for {self.workers} workers runs under {info.num_workers}")
-        return self.rank * self.workers + worker
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         consumer = self._consumer()

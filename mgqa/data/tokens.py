@@ -19,8 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
+from mgqa.data.readers import ReaderShares
 from mgqa.data.shards import Shard
 
 _ROUNDS = 4
@@ -64,7 +64,7 @@ def permute(positions: np.ndarray, size: int, seed: int) -> np.ndarray:
     return out.astype(np.int64)
 
 
-class TokenWindows(IterableDataset):
+class TokenWindows(ReaderShares):
     """Batches ``(inputs, targets)``, each (batch_size, seq_len) int64, of windows from ``shards``.
 
     Use with ``DataLoader(batch_size=None)``: the dataset batches itself (one memory-mapped slice
@@ -85,25 +85,15 @@ class TokenWindows(IterableDataset):
         num_workers: int = 0,
         split_name: str = "train",
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self._place(rank, world_size, num_workers)
         self.shards = list(shards)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.workers = max(1, num_workers)
-        self.consumers = world_size * self.workers
         per_shard = [max(0, s.num_tokens - 1) // seq_len for s in self.shards]
         self.first_window = np.concatenate(([0], np.cumsum(per_shard))).astype(np.int64)  # of each shard
         self.num_windows = int(self.first_window[-1])
-        self.windows_per_consumer = self.num_windows // self.consumers // batch_size * batch_size
-        if self.windows_per_consumer == 0:
-            raise ValueError(
-                f"the {split_name} split has {self.num_windows} windows of {seq_len} tokens, fewer than one batch "
-                f"for each of {self.consumers} readers (world_size {world_size} x workers {self.workers} x "
-                f"data.batch_size {batch_size} = {self.consumers * batch_size}); lower the batch size, seq_len "
-                "or workers, or prepare more text"
-            )
+        self.windows_per_consumer = self._even_share(self.num_windows, batch_size, split_name, seq_len,
+                                                     "prepare more text")
         self.batches_per_consumer = self.windows_per_consumer // batch_size
         self._next_epoch = 0
         self._resume: Optional[tuple[int, int]] = None
@@ -118,12 +108,6 @@ class TokenWindows(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["yielded"]))
-
-    def _consumer(self) -> int:
-        info = get_worker_info()
-        if info is not None and info.num_workers != self.workers:
-            raise RuntimeError(f"dataset built for {self.workers} workers runs under {info.num_workers}")
-        return self.rank * self.workers + (info.id if info is not None else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         consumer = self._consumer()
