@@ -68,13 +68,14 @@ class TokenDataModule(L.LightningDataModule):
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def build_datasets(self, rank: int = 0, world_size: int = 1) -> None:
+    def build_datasets(self, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        """Both splits for one rank. ``shuffle=False``: the training windows in the same order every epoch."""
         if self._shards is None:
             self.check_files()
         common = dict(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed, rank=rank,
                       world_size=world_size, num_workers=self.num_workers)  # fmt: skip
         try:
-            self.train_set = TokenWindows(self._shards["train"], shuffle=True, split_name="training", **common)
+            self.train_set = TokenWindows(self._shards["train"], shuffle=shuffle, split_name="training", **common)
             self.val_set = TokenWindows(self._shards["val"], shuffle=False, split_name="validation", **common)
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -89,7 +90,9 @@ class TokenDataModule(L.LightningDataModule):
             return
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.build_datasets(rank, world)
+        # trainer.overfit_batches (debug=overfit) means the same batches every epoch: no shuffling.
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        self.build_datasets(rank, world, shuffle=not overfit)
 
     def _loader_options(self) -> dict[str, Any]:
         return {

@@ -141,3 +141,21 @@ def test_bad_directories_are_named(prepared, tmp_path):
         dm = _module(prepared, num_workers=2)
         dm.seq_len = 4096
         dm.setup()
+
+
+def test_overfit_reads_the_same_training_windows_every_epoch(prepared):
+    class Trainer:  # what setup() reads of Lightning's trainer
+        global_rank, world_size, overfit_batches = 0, 1, 2
+
+    def two_epochs(overfit_batches):
+        dm = _module(prepared)
+        dm.trainer = type("T", (Trainer,), {"overfit_batches": overfit_batches})()
+        dm.check_files()
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [[x for x, _ in loader][:2] for _epoch in range(2)]
+
+    first, second = two_epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    first, second = two_epochs(0)  # shuffled otherwise: another order each epoch
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
