@@ -103,9 +103,12 @@ def _cudnn_attention_ready(device_index: int) -> bool:
 
 
 def auto_choice(
-    *, device_type: str, dropout_p: float, cudnn_ready: bool, dtype: torch.dtype, head_dim: int, triton_unsupported: Optional[str]
+    *, device_type: str, dropout_p: float, cudnn_ready: bool, dtype: torch.dtype, head_dim: int,
+    triton_unsupported: Optional[str] | Callable[[], Optional[str]],
 ) -> tuple[str, str]:
     """The backend ``auto`` runs, and why: a pure function of the call's properties.
+    ``triton_unsupported`` (why the Triton kernels cannot run the inputs, or None) may be a function,
+    asked only where the choice depends on it.
 
     On Hopper, SDPA's cuDNN kernel trains a whole model faster than mgqa's Triton kernels
     (``bench/train_throughput.py``: cuDNN's forward+backward leads at every measured shape), so
@@ -118,8 +121,9 @@ def auto_choice(
         return "sdpa", "attention dropout is on"
     if cudnn_ready and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
         return "sdpa", "cuDNN attention through SDPA, faster than mgqa's kernels end to end on this GPU"
-    if triton_unsupported:
-        return "sdpa", triton_unsupported
+    why_not = triton_unsupported() if callable(triton_unsupported) else triton_unsupported
+    if why_not:
+        return "sdpa", why_not
     return "triton", "CUDA inputs the kernels support"
 
 
@@ -167,7 +171,13 @@ def attention(
     """
     _check_shapes(q, k, v)
     fn: Callable[..., torch.Tensor]
-    triton_reason: Optional[str] = ""  # "" until asked, so that a routed call checks the inputs once
+    asked: list[Optional[str]] = []
+
+    def triton_unsupported() -> Optional[str]:  # the kernels' check, at most once per call
+        if not asked:
+            asked.append(_triton_unsupported_reason(q, k, v))
+        return asked[0]
+
     if backend == "auto":
         on_cuda = q.is_cuda
         if on_cuda and dropout_p == 0.0 and q.shape[2] <= 8 and k.shape[2] > q.shape[2] and not _needs_grad(q, k, v):
@@ -183,8 +193,7 @@ def attention(
             cudnn_ready=on_cuda and _cudnn_attention_ready(device_index),
             dtype=q.dtype,
             head_dim=q.shape[-1],
-            triton_unsupported=(triton_reason := _triton_unsupported_reason(q, k, v)) if on_cuda and dropout_p == 0.0
-            else None,
+            triton_unsupported=triton_unsupported,
         )
         _announce(choice, reason)
         backend = choice
@@ -197,7 +206,7 @@ def attention(
             raise BackendUnavailable(
                 f"backend='triton' has no attention dropout (dropout_p={dropout_p}); use 'sdpa' or set dropout to 0"
             )
-        why_not = triton_reason if triton_reason != "" else _triton_unsupported_reason(q, k, v)
+        why_not = triton_unsupported()
         if why_not:
             raise BackendUnavailable(f"backend='triton' cannot run these inputs: {why_not}")
         return _triton_module().run_checked(q, k, v, causal, scale)  # checked once, just above

@@ -103,6 +103,8 @@ def test_auto_takes_cudnn_where_sdpa_runs_it_and_triton_elsewhere_on_cuda():
     assert _auto(cudnn_ready=True, head_dim=256)[0] == "triton"
     assert _auto()[0] == "triton"
     assert _auto(triton_unsupported="head_dim 48 not in (...)") == ("sdpa", "head_dim 48 not in (...)")
+    asked = []
+    assert _auto(cudnn_ready=True, triton_unsupported=lambda: asked.append(1))[0] == "sdpa" and not asked  # not asked
     assert _auto(dropout_p=0.1)[0] == "sdpa"
     assert _auto(device_type="cpu") == ("sdpa", "inputs on cpu")
 
