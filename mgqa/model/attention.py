@@ -48,11 +48,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def bytes_per_token(self) -> int:
-        """Cache bytes one position costs across all layers (K and V)."""
-        k = self.keys[0]
-        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
-
 
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention whose H query heads share Hkv key/value heads in groups of H / Hkv.
