@@ -23,7 +23,33 @@ from mgqa.data import (
 )
 
 
-class TextDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """What the data modules share: both splits built at set-up for this rank, a stateful training
+    loader and a plain validation loader over them. Subclasses give ``build_datasets(rank, world_size,
+    shuffle)`` and ``_loader_options()``."""
+
+    train_set: Any = None
+    val_set: Any = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # trainer.overfit_batches (debug=overfit) means the same batches every epoch: no shuffling.
+        overfit = trainer is not None and trainer.overfit_batches > 0
+        self.build_datasets(rank, world, shuffle=not overfit)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API on construction
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            return StatefulDataLoader(self.train_set, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, **self._loader_options())
+
+
+class TextDataModule(SplitDataModule):
     """Documents from ``files`` (globs of txt/jsonl/parquet) or ``hub`` (``path``, ``name``, ``split``,
     ``val_split``), tokenized, packed into ``seq_len + 1`` windows and sharded over ranks and workers.
 
@@ -135,20 +161,6 @@ class TextDataModule(L.LightningDataModule):
             shuffle=False, split_name="validation", **common,
         )  # fmt: skip
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
-            return
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        # trainer.overfit_batches (debug=overfit) means the same batches every epoch: no shuffling.
-        overfit = trainer is not None and trainer.overfit_batches > 0
-        self.build_datasets(rank, world, shuffle=not overfit)
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API on construction
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return self._train_loader()
-
     def _loader_options(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
@@ -158,9 +170,3 @@ class TextDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
-
-    def _train_loader(self) -> StatefulDataLoader:
-        return StatefulDataLoader(self.train_set, **self._loader_options())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, **self._loader_options())

@@ -6,19 +6,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mgqa.data import build_tokenizer
 from mgqa.data.shards import Shard, check_tokenizer, open_shards, read_manifest
 from mgqa.data.tokens import TokenWindows
+from mgqa.lit.datamodule import SplitDataModule
 from mgqa.model.config import ConfigError
 
 
-class TokenDataModule(L.LightningDataModule):
+class TokenDataModule(SplitDataModule):
     """Batches ``(inputs, targets)``, each (batch_size, seq_len) int64, from the shards in ``dir``.
 
     The train and validation splits are the ones made at prepare time. Training windows come in a
@@ -85,15 +83,6 @@ class TokenDataModule(L.LightningDataModule):
             f"{self.train_set.num_windows:,} windows of {self.seq_len}; {len(self.train_set):,} batches per epoch per device"
         )
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
-            return
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        # trainer.overfit_batches (debug=overfit) means the same batches every epoch: no shuffling.
-        overfit = trainer is not None and trainer.overfit_batches > 0
-        self.build_datasets(rank, world, shuffle=not overfit)
-
     def _loader_options(self) -> dict[str, Any]:
         return {
             "batch_size": None,  # the dataset yields whole batches
@@ -102,11 +91,3 @@ class TokenDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API on construction
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(self.train_set, **self._loader_options())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, **self._loader_options())
