@@ -35,7 +35,7 @@ def free_port():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ddp_two_cpu_ranks_share_the_run_dir_and_resume(tmp_path):
+def test_ddp_two_cpu_ranks_share_the_run_dir_and_resume_compiled(tmp_path):
     args = (*TINY_CLI, *DDP_CPU, "trainer.devices=2", "run_name=ddp", f"output_root={tmp_path}")
     proc, out = run_cli(*args)
     assert proc.returncode == 0, out[-3000:]
@@ -49,8 +49,10 @@ def test_ddp_two_cpu_ranks_share_the_run_dir_and_resume(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1 and len(list(tmp_path.rglob("last.ckpt"))) == 1
 
-    proc, out = run_cli(*args, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=8")
+    # Resumed with the blocks compiled: compile works under DDP and loads an eager run's checkpoint.
+    proc, out = run_cli(*args, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=8", "compile=true")
     assert proc.returncode == 0, out[-3000:]
+    assert "torch.compile: 2 decoder blocks" in out
     steps = [int(r["step"]) for r in train_rows(run_dir / "metrics.csv")]
     assert steps[:6] == list(range(6)) and len(steps) > 6 and min(steps[6:]) >= 6  # continued, not restarted
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
