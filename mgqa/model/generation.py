@@ -95,6 +95,9 @@ class DecodeStep:
     def __init__(self, model: Any, cache: StaticKVCache, sample: Callable[[torch.Tensor], torch.Tensor],
                  *, cuda_graph: bool, generator: Optional[torch.Generator], compile_step: bool = False) -> None:
         self.model, self.cache, self.sample = model, cache, sample
+        # Held while the step is: the step is looked up by the generator's id, which a new
+        # generator could otherwise reuse once this one is freed.
+        self.generator = generator
         self.in_use = False  # a stream is decoding through this cache (another stream must not share it)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._run = torch.compile(self._step, dynamic=False) if compile_step else self._step
@@ -231,6 +234,7 @@ def _stream(model: Any, tokens: torch.Tensor, lengths: list[int], max_new_tokens
                                compile_step=compile_step)
             cache = step.cache
             step.in_use = True
+            cache.lengths.zero_()  # a kept step's cache still holds the last call's lengths: prefill from 0
             cache.prefill = True
             logits = _last_logits(model, tokens, lengths, cache)
             cache.prefill = False

@@ -134,3 +134,20 @@ def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(monkeypatch):
     assert torch.equal(torch.stack([b for _, b in interleaved], 1), compiled)
     with pytest.raises(ValueError, match="compile_step=True compiles the cached decode step"):
         model.generate(prompts, 2, use_cache=False, compile_step=True)
+
+
+@pytest.mark.parametrize("pos_emb", ["rotary", "absolute"])
+def test_a_kept_decode_step_prefills_the_next_call_from_position_zero(monkeypatch, pos_emb):
+    # The kept step's cache still holds the last call's lengths; the next prompt must not continue from them.
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    model = model_for(pos_emb=pos_emb, dim=64)
+    prompts = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 4)]
+    expected = model.generate(prompts, 10, temperature=0.0, use_cache=False)
+    for _ in range(3):
+        assert torch.equal(model.generate(prompts, 10, temperature=0.0, compile_step=True), expected)
+    assert "_decode_step" in model.__dict__  # the later calls reused the kept step
