@@ -171,14 +171,8 @@ def attention(
     """
     _check_shapes(q, k, v)
     fn: Callable[..., torch.Tensor]
-    asked: list[Optional[str]] = []
-
-    def triton_unsupported() -> Optional[str]:  # the kernels' check, at most once per call
-        if not asked:
-            asked.append(_triton_unsupported_reason(q, k, v))
-        return asked[0]
-
-    if backend == "auto":
+    routed = backend == "auto"
+    if routed:
         on_cuda = q.is_cuda
         if on_cuda and dropout_p == 0.0 and q.shape[2] <= 8 and k.shape[2] > q.shape[2] and not _needs_grad(q, k, v):
             # A decode step after a cache: one K/V read per group beats the training kernels' query tiles.
@@ -193,7 +187,7 @@ def attention(
             cudnn_ready=on_cuda and _cudnn_attention_ready(device_index),
             dtype=q.dtype,
             head_dim=q.shape[-1],
-            triton_unsupported=triton_unsupported,
+            triton_unsupported=lambda: _triton_unsupported_reason(q, k, v),
         )
         _announce(choice, reason)
         backend = choice
@@ -206,7 +200,8 @@ def attention(
             raise BackendUnavailable(
                 f"backend='triton' has no attention dropout (dropout_p={dropout_p}); use 'sdpa' or set dropout to 0"
             )
-        why_not = triton_unsupported()
+        # auto takes the kernels only after their check found nothing: check the inputs once per call.
+        why_not = None if routed else _triton_unsupported_reason(q, k, v)
         if why_not:
             raise BackendUnavailable(f"backend='triton' cannot run these inputs: {why_not}")
         return _triton_module().run_checked(q, k, v, causal, scale)  # checked once, just above
