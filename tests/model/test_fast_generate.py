@@ -1,8 +1,11 @@
 """Batched generation over a static KV cache: prompts of different lengths, per-sequence positions,
 the Triton decode kernel in the model (interpreter on CPU), and the stream API's checks."""
 
+import functools
+
 import pytest
 import torch
+import torch._dynamo
 
 from mgqa import Decoder, MGQATransformer
 from mgqa.model.sampling import sample_next
@@ -112,15 +115,16 @@ def test_static_cache_refuses_a_capacity_past_max_seq_len():
     assert isinstance(model_for().new_static_cache(2), StaticKVCache)
 
 
-def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(monkeypatch):
-    # Dynamo's tracing is what can break; the eager backend checks it without Inductor's minute of compiling.
-    import functools
-
-    import torch._dynamo
-
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with Dynamo's eager backend: Dynamo's tracing is what can break, and this checks
+    it without Inductor's minute of compiling."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+
+
+def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(eager_compile):
     model = model_for()
     prompts = [torch.randint(0, 40, (n,)) for n in (5, 3)]
     compiled = model.generate(prompts, 8, temperature=0.0, compile_step=True)
@@ -137,14 +141,8 @@ def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(monkeypatch):
 
 
 @pytest.mark.parametrize("pos_emb", ["rotary", "absolute"])
-def test_a_kept_decode_step_prefills_the_next_call_from_position_zero(monkeypatch, pos_emb):
+def test_a_kept_decode_step_prefills_the_next_call_from_position_zero(eager_compile, pos_emb):
     # The kept step's cache still holds the last call's lengths; the next prompt must not continue from them.
-    import functools
-
-    import torch._dynamo
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    torch._dynamo.reset()
     model = model_for(pos_emb=pos_emb, dim=64)
     prompts = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 4)]
     expected = model.generate(prompts, 10, temperature=0.0, use_cache=False)
