@@ -48,11 +48,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
     batch, heads, n_q, head_dim = q.shape
     if not 1 <= n_q <= MAX_QUERIES:
         return f"{n_q} query rows per sequence (decode takes 1..{MAX_QUERIES})"
-    if n_q > 1 and not INTERPRET:
-        # Several query rows per sequence agree with the reference in Triton's interpreter but gave
-        # wrong outputs on an H100 (bf16, without the causal mask, ragged lengths); until that is
-        # found, GPUs run one query row per sequence, the decode step itself.
-        return f"{n_q} query rows per sequence: on a GPU the decode kernel takes one"
     if head_dim % 8 or not 16 <= head_dim <= 256:
         return f"head_dim {head_dim} (decode takes a multiple of 8 in 16..256)"
     if k.shape != v.shape:
