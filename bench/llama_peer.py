@@ -17,9 +17,9 @@ def build_mgqa(shape: dict, max_seq_len: int, device, dtype):
     from mgqa import Decoder, MGQATransformer
 
     torch.manual_seed(0)
-    layers = Decoder(dim=shape["dim"], depth=shape["depth"], heads=shape["heads"], attn_kv_heads=shape["kv_heads"],
-                     pos_emb="rotary", norm="rmsnorm", ff="swiglu", ff_mult=shape["ff_mult"], bias=False)
-    with torch.device(device):
+    with torch.device(device):  # every parameter, the Decoder's too, is made on the device
+        layers = Decoder(dim=shape["dim"], depth=shape["depth"], heads=shape["heads"], attn_kv_heads=shape["kv_heads"],
+                         pos_emb="rotary", norm="rmsnorm", ff="swiglu", ff_mult=shape["ff_mult"], bias=False)
         model = MGQATransformer(num_tokens=shape["num_tokens"], max_seq_len=max_seq_len, attn_layers=layers)
     return model.to(dtype).eval()
 

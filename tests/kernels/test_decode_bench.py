@@ -55,3 +55,15 @@ def test_bad_arguments_are_refused(args, message):
 def test_without_a_gpu_it_says_so():
     proc = run("--sections", "attention")
     assert proc.returncode == 2 and "needs a CUDA GPU (or --smoke" in proc.stderr
+
+
+def test_the_benchmark_model_is_made_wholly_on_the_asked_device(monkeypatch):
+    """Every parameter and buffer on the device asked for ("meta" stands in for CUDA): a Decoder made
+    outside the device scope once left the blocks on the CPU and broke the GPU run."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from llama_peer import MODEL_SMOKE, build_mgqa
+
+    model = build_mgqa(MODEL_SMOKE, 16, "meta", torch.bfloat16)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
