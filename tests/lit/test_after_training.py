@@ -1,6 +1,7 @@
 """After training: generate, evaluate and export a checkpoint (CLI and in-process), and start a run
 from it with converted K/V heads (init.from, experiment=uptrain)."""
 
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
@@ -84,8 +86,22 @@ def test_generate_streams_one_prompt_and_is_reproducible_by_seed(trained_run, ca
     assert any(o != first[0]["completion"] for o in others)
     with pytest.raises(ConfigError, match="top_p must be in"):
         generate(compose_entry("generate", *overrides, "top_p=2.0"))
+    with pytest.raises(ConfigError, match="compile_step must be true or false, got 'yes please'"):
+        generate(compose_entry("generate", *overrides, "compile_step='yes please'"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         generate(compose_entry("generate", "ckpt_path=/no/such.ckpt"))
+
+
+def test_generate_compile_step_compiles_the_step_and_keeps_greedy_text(trained_run, monkeypatch):
+    # Dynamo's eager backend: the option reaches the decode step without Inductor's minute of compiling.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    overrides = (f"ckpt_path={trained_run / 'run'}", "prompt=ROMEO.", "max_new_tokens=10", "temperature=0")
+    plain = generate(compose_entry("generate", *overrides))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    assert generate(compose_entry("generate", *overrides, "compile_step=true")) == plain
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_evaluate_reproduces_the_training_validation_loss(trained_run, tmp_path, capsys):
