@@ -71,6 +71,24 @@ def _loss_and_grad_fn(device: torch.device):
     return _compiled["cuda"]
 
 
+# Matrix products with a wider output dtype (aten::addmm.dtype_out) exist from torch 2.8, on CUDA.
+_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with ``out`` wider than ``a`` and ``b``.
+
+    On CUDA a half-precision product is added straight into the float32 ``out`` by the matrix
+    product's epilogue (``out_dtype``): a converted (V, D) copy per chunk would cost more memory
+    traffic than the product itself at a 128k vocabulary. Elsewhere the product is converted, then
+    added.
+    """
+    if _ADDMM_OUT_DTYPE and out.is_cuda and out.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += (a @ b).to(out.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, valid, chunk_rows):  # noqa: ANN001 (autograd signature)
@@ -91,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = grad @ weight
             if grad_weight is not None:
-                grad_weight += (grad.T @ h).to(acc)
+                _accumulate(grad_weight, grad.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         return total / count
 

@@ -93,3 +93,19 @@ def test_cuda_bf16_compiled_chunks_match_cross_entropy() -> None:
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
         assert (got - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_weight_gradient_accumulates_in_float32(dtype: torch.dtype) -> None:
+    """The half-precision product added into the float32 gradient equals the product taken in
+    float32 and added, to the product's own rounding (no half-precision sum in between)."""
+    from mgqa.ops.cross_entropy import _accumulate
+
+    a = torch.randn(300, 1000, device="cuda", dtype=dtype)
+    b = torch.randn(1000, 200, device="cuda", dtype=dtype)
+    out = torch.randn(300, 200, device="cuda")
+    want = out + a.float() @ b.float()
+    _accumulate(out, a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
