@@ -71,7 +71,7 @@ def _loss_and_grad_fn(device: torch.device):
     return _compiled["cuda"]
 
 
-# Matrix products with a wider output dtype (aten::addmm.dtype_out) exist from torch 2.8, on CUDA.
+# A matrix product with a wider output dtype (aten::addmm.dtype_out, CUDA only) is missing from older torch releases.
 _ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
