@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Configs name data paths relative to the repository root, as `python train.py` does."""
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile with Dynamo's eager backend: Dynamo's tracing is what can break, and this checks
+    it without Inductor's minute of compiling. Dynamo's counters start from zero."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
 
 
 def compose(*overrides: str):

@@ -374,8 +374,8 @@ def decode_tiles(head_dim: int, rows: int, dtype: str, device: DeviceProps) -> T
 def decode_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
     """Cache splits per (sequence, KV head, row block). Decode is bound by memory bandwidth: aim at three
     programs per SM (what the default tiles leave resident), so every SM has loads in flight, in about
-    one wave (the count rounds up, so a few programs may start in a second); never below four key tiles per split (a shorter split costs more in its partial
-    output and combine than it saves); one split when the programs already fill the GPU. The count
+    one wave (the count rounds up, so a few programs may start in a second); never below four key
+    tiles per split (a shorter split costs more in its partial output and combine than it saves); one split when the programs already fill the GPU. The count
     depends on the cache's capacity, not the current lengths, so a captured decode step keeps its grid."""
     if programs <= 0 or capacity <= 0:
         return 1

@@ -42,7 +42,7 @@ def check_sampling(cfg: DictConfig) -> None:
         raise ConfigError(f"top_p must be in (0, 1] or null, got {cfg.top_p!r}")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {cfg.num_samples!r}")
-    if not isinstance(cfg.get("compile_step", False), bool):
+    if not isinstance(cfg.compile_step, bool):
         raise ConfigError(f"compile_step must be true or false, got {cfg.compile_step!r}")
 
 
@@ -62,7 +62,7 @@ def generate(cfg: DictConfig, stdout: Optional[TextIO] = None, stderr: Optional[
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     eos = tokenizer.eot_id if cfg.stop_at_eot else None
     options = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eos_token=eos, generator=generator,
-                   compile_step=bool(cfg.get("compile_step", False)))
+                   compile_step=cfg.compile_step)
     # One batch; prompts of different lengths each decode from their own length (no padding).
     batch = [torch.tensor(ids, dtype=torch.long, device=device) for ids in encoded]
     completions = _sample(model, tokenizer, batch, cfg.max_new_tokens, options, stdout if len(prompts) == 1 else None, prompts[0])

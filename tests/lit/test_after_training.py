@@ -1,7 +1,6 @@
 """After training: generate, evaluate and export a checkpoint (CLI and in-process), and start a run
 from it with converted K/V heads (init.from, experiment=uptrain)."""
 
-import functools
 import json
 import math
 import os
@@ -92,11 +91,7 @@ def test_generate_streams_one_prompt_and_is_reproducible_by_seed(trained_run, ca
         generate(compose_entry("generate", "ckpt_path=/no/such.ckpt"))
 
 
-def test_generate_compile_step_compiles_the_step_and_keeps_greedy_text(trained_run, monkeypatch):
-    # Dynamo's eager backend: the option reaches the decode step without Inductor's minute of compiling.
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+def test_generate_compile_step_compiles_the_step_and_keeps_greedy_text(trained_run, eager_compile):
     overrides = (f"ckpt_path={trained_run / 'run'}", "prompt=ROMEO.", "max_new_tokens=10", "temperature=0")
     plain = generate(compose_entry("generate", *overrides))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0

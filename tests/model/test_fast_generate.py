@@ -1,7 +1,6 @@
 """Batched generation over a static KV cache: prompts of different lengths, per-sequence positions,
 the Triton decode kernel in the model (interpreter on CPU), and the stream API's checks."""
 
-import functools
 
 import pytest
 import torch
@@ -113,15 +112,6 @@ def test_static_cache_refuses_a_capacity_past_max_seq_len():
     with pytest.raises(ValueError, match="cache capacity 30 is longer than model.max_seq_len=24"):
         model_for().new_static_cache(1, 30)
     assert isinstance(model_for().new_static_cache(2), StaticKVCache)
-
-
-@pytest.fixture
-def eager_compile(monkeypatch):
-    """torch.compile with Dynamo's eager backend: Dynamo's tracing is what can break, and this checks
-    it without Inductor's minute of compiling."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
 
 
 def test_compiled_decode_step_traces_whole_and_keeps_greedy_tokens(eager_compile):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgqa.ops.cross_entropy import linear_cross_entropy
+from mgqa.ops.cross_entropy import _accumulate, linear_cross_entropy
 
 
 def _inputs(rows: int, dim: int, vocab: int, dtype: torch.dtype = torch.float64):
@@ -100,8 +100,6 @@ def test_cuda_bf16_compiled_chunks_match_cross_entropy() -> None:
 def test_cuda_weight_gradient_accumulates_in_float32(dtype: torch.dtype) -> None:
     """The half-precision product added into the float32 gradient equals the product taken in
     float32 and added, to the product's own rounding (no half-precision sum in between)."""
-    from mgqa.ops.cross_entropy import _accumulate
-
     a = torch.randn(300, 1000, device="cuda", dtype=dtype)
     b = torch.randn(1000, 200, device="cuda", dtype=dtype)
     out = torch.randn(300, 200, device="cuda")
