@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning as L
@@ -23,6 +24,19 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+@dataclass
+class _StepVerdict:
+    """Whether an optimizer step was finite, held on the device until the host reads it."""
+
+    step: int
+    batch_idx: int
+    epoch: int
+    loss: torch.Tensor  # the step's loss; under gradient accumulation its first non-finite one
+    loss_finite: torch.Tensor  # every loss of the step finite (bool)
+    grad_norm: Optional[torch.Tensor] = None  # the total gradient norm
+    skipped: Optional[torch.Tensor] = None  # the optimizer left the weights as they were (bool)
+
+
 class LanguageModel(L.LightningModule):
     """Trains ``MGQATransformer`` on (inputs, targets) token batches.
 
@@ -40,6 +54,13 @@ class LanguageModel(L.LightningModule):
     logs its loss (NaN/Inf) and ``train/skipped_batches``. Weights made non-finite by an update
     (a finite loss can still give one, e.g. at a huge learning rate) stop the run in either mode,
     before any checkpoint holding them is written: a skipped batch cannot undo an applied update.
+
+    With a fused optimizer (AdamW's default) on one device or under DDP, no step waits for the
+    device. The optimizer's kernel skips the update of a step whose loss or gradient norm is not
+    finite (``found_inf``, as for a loss scaler) and applies gradient clipping (``grad_scale``); the
+    host reads that verdict once the next step's forward pass is queued, or before a checkpoint is
+    written, and stops or counts the skip then. Other optimizers and strategies check the loss before
+    the backward pass, which waits for the forward pass every step.
     """
 
     def __init__(
@@ -61,6 +82,10 @@ class LanguageModel(L.LightningModule):
         self.flops_per_batch: Optional[int] = None  # read by ThroughputMonitor for MFU
         self._flops_per_token: dict[int, int] = {}  # by sequence length
         self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
+        self._verdict_on_device = False  # decided when fitting starts (class docstring)
+        self._step_verdict: Optional[_StepVerdict] = None  # the step being computed
+        self._pending: Optional[_StepVerdict] = None  # the last step's, not read yet
+        self._skipped: Optional[torch.Tensor] = None  # steps skipped so far (device), for the log
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
         if guard["action"] not in ("stop", "skip"):
@@ -85,6 +110,22 @@ class LanguageModel(L.LightningModule):
         inputs, targets = batch  # (B, N), (B, N)
         return self.model.loss(inputs, targets)
 
+    def on_train_start(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # noqa: PLC0415
+
+        optimizers = self.trainer.optimizers
+        self._verdict_on_device = (
+            self.automatic_optimization
+            and len(optimizers) == 1
+            # Fused Adam, AdamW and SGD read found_inf and grad_scale inside their kernel.
+            and getattr(optimizers[0], "_step_supports_amp_scaling", False)
+            and getattr(self.trainer.precision_plugin, "scaler", None) is None
+            # After DDP's all-reduce every rank holds the whole gradient, so every rank computes the
+            # same norm and takes the same decision; sharded gradients would need a reduction first.
+            and type(self.trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
+        )
+        self._step_verdict = self._pending = None
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         inputs = batch[0]  # (B, N)
         seq_len = inputs.shape[1]
@@ -92,6 +133,8 @@ class LanguageModel(L.LightningModule):
             self._flops_per_token[seq_len] = self.model.training_flops_per_token(seq_len)
         self.flops_per_batch = inputs.numel() * self._flops_per_token[seq_len]
         loss = self._loss(batch)
+        if self._verdict_on_device:
+            return self._training_step_without_wait(loss, batch_idx)
         # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
         self._check_last_update()  # its flag was computed before this forward: reading it costs no wait
@@ -103,11 +146,59 @@ class LanguageModel(L.LightningModule):
             self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
         return loss
 
+    def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # The last step's verdict is read now that this forward pass is queued: the wait overlaps it.
+        self._read_verdict()
+        value = loss.detach()
+        finite = torch.isfinite(value)
+        verdict = self._step_verdict
+        if verdict is None:
+            self._step_verdict = verdict = _StepVerdict(self.global_step, batch_idx, self.current_epoch, value, finite)
+        else:  # another batch of an accumulated step
+            verdict.loss = torch.where(verdict.loss_finite, value, verdict.loss)
+            verdict.loss_finite = verdict.loss_finite & finite
+        self.log("train/loss", loss, prog_bar=True)
+        if self.nonfinite_action == "skip":
+            if self._skipped is None:
+                self._skipped = torch.zeros((), device=value.device)
+            self.log("train/skipped_batches", self._skipped + (~verdict.loss_finite).float())
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        verdict = self._step_verdict
+        if not self._verdict_on_device or verdict is None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        verdict.grad_norm = norm
+        self.log("train/grad_norm", norm)
+        # Non-zero: the fused kernel leaves the weights and the optimizer state (step count included)
+        # as they are.
+        found_inf = (~(verdict.loss_finite & torch.isfinite(norm))).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            # The maximum over ranks, so that no rank steps without the others. Queued like the
+            # gradients' all-reduce (the strategy's reduce would add a barrier, a host wait).
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+        optimizer.found_inf = found_inf
+        optimizer.grad_scale = None  # configure_gradient_clipping sets it when clipping by norm
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        # One fused pass over the weights, left on the device: the flag is read after the next
-        # forward's loss check (which waits for the GPU anyway) or before a checkpoint is written,
-        # so the check adds no host sync to a step.
+        verdict, self._step_verdict = self._step_verdict, None
+        if self._verdict_on_device and verdict is not None:
+            optimizer = self.trainer.optimizers[0]
+            found_inf = optimizer.found_inf
+            optimizer.found_inf = optimizer.grad_scale = None
+            verdict.skipped = found_inf > 0
+            if self._skipped is not None:
+                self._skipped = self._skipped + found_inf
+            self._pending = verdict
+        # One fused pass over the weights, left on the device: the flag is read once the next
+        # forward pass is queued or before a checkpoint is written, so the check adds no host
+        # wait to a step.
         params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
         if params:
             finite = torch.stack(torch._foreach_norm(params)).isfinite().all()
@@ -129,8 +220,31 @@ class LanguageModel(L.LightningModule):
             "ckpt_path=last, or from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
         )
 
+    def _read_verdict(self) -> None:
+        """Act on the last step's verdict: stop, or count a skipped step."""
+        self._check_last_update()
+        verdict, self._pending = self._pending, None
+        if verdict is None or not bool(verdict.skipped):  # the host's only wait for the device
+            return
+        where = f"at step {verdict.step} (batch {verdict.batch_idx} of epoch {verdict.epoch})"
+        if bool(verdict.loss_finite):
+            what = f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)"
+        else:
+            what = f"training loss is {float(verdict.loss)} {where}"
+        if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
+            self.nonfinite_skips += 1
+            log.warning("%s: its update was skipped (%d of at most %d)", what, self.nonfinite_skips, self.max_nonfinite_skips)
+            return
+        raise NonFiniteLossError(
+            f"{what}; stopping. Its update was not applied and checkpoints on disk hold only finite states: "
+            "resume with ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_last_update()  # before any file holding this step's weights is written
+        self._read_verdict()  # before any file holding this step's weights is written
+
+    def on_train_end(self) -> None:
+        self._read_verdict()  # the last step's
 
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         where = f"at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
@@ -170,6 +284,13 @@ class LanguageModel(L.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
+        verdict = self._step_verdict
+        if self._verdict_on_device and gradient_clip_algorithm != "value" and verdict is not None:
+            # The fused kernel divides each gradient by grad_scale: the same factor as
+            # clip_grad_norm_'s max_norm / (norm + 1e-6) when the norm is over max_norm, without a
+            # pass over the gradients of its own.
+            optimizer.grad_scale = ((verdict.grad_norm + 1e-6) / gradient_clip_val).clamp(min=1.0)
+            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -187,7 +308,7 @@ class LanguageModel(L.LightningModule):
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         extra = {}
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if self.device.type == "cuda" and optim_cfg["optimizer"].get("fused") is None and scaler is None:
+        if self.device.type in ("cuda", "cpu") and optim_cfg["optimizer"].get("fused") is None and scaler is None:
             extra["fused"] = True  # with fp16 loss scaling, gradient clipping needs the unfused step
         optimizer = instantiate(optim_cfg["optimizer"])(groups, **extra)
         scheduler_cfg = optim_cfg.get("scheduler")

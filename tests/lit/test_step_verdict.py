@@ -1,0 +1,64 @@
+"""The fused optimizer's step: clipping and the non-finite check inside its kernel, read one step later."""
+
+import pytest
+import torch
+
+from mgqa.lit.module import LanguageModel
+from mgqa.lit.run import train
+from tests.conftest import TINY, compose
+from tests.lit.test_training import read_rows
+
+RUN = (*TINY, "sample.max_new_tokens=0", "trainer.max_steps=8", "optim.optimizer.lr=1e-2")
+
+
+def _losses(run_dir):
+    return {int(r["step"]): float(r["train/loss"]) for r in read_rows(run_dir / "metrics.csv") if r["train/loss"]}
+
+
+def test_clipping_inside_the_fused_step_matches_clip_grad_norm(tmp_path, monkeypatch):
+    decided = []
+    real = LanguageModel.on_train_start
+
+    def record(self):
+        real(self)
+        decided.append(self._verdict_on_device)
+
+    monkeypatch.setattr(LanguageModel, "on_train_start", record)
+    # A low threshold, so that every step is clipped and the clipping decides the updates.
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    train(compose(*RUN, f"run_dir={fused}", "trainer.gradient_clip_val=0.05"))
+    train(compose(*RUN, f"run_dir={plain}", "trainer.gradient_clip_val=0.05", "optim.optimizer.fused=false"))
+    assert decided == [True, False]
+    rows = [r for r in read_rows(fused / "metrics.csv") if r["train/loss"]]
+    norms = [float(r["train/grad_norm"]) for r in rows]
+    assert len(norms) == 8 and all(n > 0.05 for n in norms)  # clipped at every step
+    ours, reference = _losses(fused), _losses(plain)
+    assert ours.keys() == reference.keys()
+    assert ours == pytest.approx(reference, rel=1e-4)
+    unclipped = tmp_path / "unclipped"
+    train(compose(*RUN, f"run_dir={unclipped}", "trainer.gradient_clip_val=0"))
+    assert _losses(unclipped)[7] != pytest.approx(ours[7], rel=1e-4)  # the clipping changed the run
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path, monkeypatch):
+    # The loss is NaN at step 2 only: its update is skipped inside the kernel, so the run after it
+    # is the run of the same batches with step 2's batch left out of the weights and the moments.
+    real = LanguageModel._loss
+    states = {}
+
+    def loss(self, batch):
+        value = real(self, batch)
+        if self.training and self.global_step in (2, 3):
+            states[self.global_step] = {k: v.clone() for k, v in self.model.state_dict().items()}
+            opt = self.trainer.optimizers[0]
+            states[(self.global_step, "step")] = [s["step"].clone() for s in opt.state.values()]
+        return value * float("nan") if self.training and self.global_step == 2 else value
+
+    monkeypatch.setattr(LanguageModel, "_loss", loss)
+    train(compose(*RUN, f"run_dir={tmp_path}", "nonfinite_loss.action=skip"))
+    for name, before in states[2].items():
+        assert torch.equal(before, states[3][name]), name
+    assert states[(2, "step")] == states[(3, "step")]
+    rows = [r for r in read_rows(tmp_path / "metrics.csv") if r["train/loss"]]
+    assert [r["train/skipped_batches"] for r in rows] == ["0.0", "0.0", "1.0", "1.0", "1.0", "1.0", "1.0", "1.0"]
+    assert rows[2]["train/grad_norm"] == "nan"
