@@ -6,7 +6,9 @@
 
 One process, one GPU. Every variant runs the same optimizer step on the same random tokens: bf16
 autocast over float32 weights (as Lightning's `bf16-mixed`), next-token cross-entropy, gradient
-clipping at 1.0, fused AdamW. Variants (`--impls`):
+clipping at 1.0, fused AdamW. As in train.py, the clipping factor is applied inside the fused
+AdamW kernel (`grad_scale`, after one norm over the gradients); `--clip separate` runs
+`clip_grad_norm_` before the step instead. Variants (`--impls`):
 
 - `mgqa_{eager,compiled}_{triton,sdpa}`: `MGQATransformer` with that attention backend, eager or with
   its blocks compiled (`MGQATransformer.compile_blocks`, what `compile=true` does in train.py), loss
@@ -154,14 +156,16 @@ def profile_steps(step: Callable[[], torch.Tensor], impl: str, out_dir: Path) ->
 
 
 def time_impl(
-    impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None, profile_dir: Path | None = None
+    impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None, profile_dir: Path | None = None,
+    clip: str = "kernel",
 ) -> dict[str, Any]:
     module, loss_fn, reference = build(impl, shape)
     flops_per_token = reference.training_flops_per_token(shape["seq"])
     params = reference.num_parameters()
     if module is not reference:
         del reference
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    params = list(module.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, VOCAB, (shape["batch"], shape["seq"] + 1), device="cuda", generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -170,7 +174,12 @@ def time_impl(
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(inputs, targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        if clip == "kernel":  # what train.py does with a fused optimizer (mgqa.lit.module)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            optimizer.grad_scale = ((norm + 1e-6) / 1.0).clamp(min=1.0)
+            optimizer.found_inf = (~torch.isfinite(norm)).float()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -203,7 +212,7 @@ def time_impl(
         "final_loss": float(loss),
         "params": params,
     }
-    del module, optimizer, loss_fn
+    del module, optimizer, loss_fn, params
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
@@ -309,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-py-only", action="store_true", help="only the train.py runs")
     parser.add_argument("--train-steps", type=int, default=40, help="optimizer steps of each train.py run")
     parser.add_argument("--train-backends", default="auto,triton", help="model.attn_backend of the train.py runs")
+    parser.add_argument("--clip", choices=("kernel", "separate"), default="kernel",
+                        help="gradient clipping inside the fused AdamW kernel (as train.py) or by clip_grad_norm_ first")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     parser.add_argument("--loss-vocabs", default="", help="also time the LM head + loss alone at these vocabularies")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
@@ -337,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     peak = get_available_flops(device, torch.bfloat16)
     card = torch.cuda.get_device_name()
-    results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB, "shapes": {}}
+    results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB,
+                               "clip": args.clip, "shapes": {}}
     results["sdpa_backend"] = sdpa_choice()
     print(f"SDPA's kernel for a causal GQA bf16 call at D=128: {results['sdpa_backend']}", flush=True)
     if args.loss_vocabs:
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             for impl in impls:
                 try:
                     profile_dir = Path(args.profile_dir) / name if impl in args.profile.split(",") else None
-                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir)
+                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip)
                 except Exception as err:  # one failing variant must not lose the others' numbers
                     row = {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
                     torch.cuda.empty_cache()
