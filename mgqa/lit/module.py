@@ -228,9 +228,12 @@ class LanguageModel(L.LightningModule):
             return
         where = f"at step {verdict.step} (batch {verdict.batch_idx} of epoch {verdict.epoch})"
         if bool(verdict.loss_finite):
-            what = f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)"
+            self._skip_or_stop(f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)")
         else:
-            what = f"training loss is {float(verdict.loss)} {where}"
+            self._skip_or_stop(f"training loss is {float(verdict.loss)} {where}")
+
+    def _skip_or_stop(self, what: str) -> None:
+        """Count a skipped update (``skip``, at most ``max_skips`` times) or raise ``NonFiniteLossError``."""
         if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
             self.nonfinite_skips += 1
             log.warning("%s: its update was skipped (%d of at most %d)", what, self.nonfinite_skips, self.max_nonfinite_skips)
@@ -247,22 +250,12 @@ class LanguageModel(L.LightningModule):
         self._read_verdict()  # the last step's
 
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        where = f"at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
-        if self.nonfinite_action == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
-            self.nonfinite_skips += 1
-            # Logged as what it was: the step's non-finite loss and the running count of skipped
-            # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
-            self.log("train/loss", loss.detach(), prog_bar=True)
-            self.log("train/skipped_batches", float(self.nonfinite_skips))
-            log.warning(
-                "non-finite training loss (%s) %s: batch skipped (%d of at most %d)",
-                loss.item(), where, self.nonfinite_skips, self.max_nonfinite_skips,
-            )
-            return None
-        raise NonFiniteLossError(
-            f"training loss is {loss.item()} {where}; stopping. Checkpoints on disk hold only finite states: "
-            "resume with ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
-        )
+        self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")
+        # Skipped. Logged as what it was: the step's non-finite loss and the running count of skipped
+        # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/skipped_batches", float(self.nonfinite_skips))
+        return None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.val_loss.update(self._loss(batch), weight=batch[0].shape[0])
