@@ -164,8 +164,8 @@ def time_impl(
     params = reference.num_parameters()
     if module is not reference:
         del reference
-    params = list(module.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    weights = list(module.parameters())
+    optimizer = torch.optim.AdamW(weights, lr=1e-4, weight_decay=0.1, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, VOCAB, (shape["batch"], shape["seq"] + 1), device="cuda", generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -175,11 +175,11 @@ def time_impl(
             loss = loss_fn(inputs, targets)
         loss.backward()
         if clip == "kernel":  # what train.py does with a fused optimizer (mgqa.lit.module)
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            norm = torch.nn.utils.get_total_norm([w.grad for w in weights], foreach=True)
             optimizer.grad_scale = ((norm + 1e-6) / 1.0).clamp(min=1.0)
             optimizer.found_inf = (~torch.isfinite(norm)).float()
         else:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -209,10 +209,10 @@ def time_impl(
         "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "first_step_s": first_step_s,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
         "params": params,
     }
-    del module, optimizer, loss_fn, params
+    del module, optimizer, loss_fn, weights
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
