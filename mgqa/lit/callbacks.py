@@ -36,7 +36,9 @@ class TrainingThroughput(ThroughputMonitor):
 
     Rates cover the last ``window_size`` - 1 logging intervals (``trainer.log_every_n_steps``
     steps each). The GPU is synchronised at logging steps only, not after every step as
-    Lightning's monitor does, so that the host keeps queueing work ahead of the GPU. The first
+    Lightning's monitor does, so that the host keeps queueing work ahead of the GPU; for the same
+    reason the rates are computed and logged (as host tensors: a Python number logged is copied to
+    the GPU, which waits for it) at those steps only. The first
     ``warmup_steps`` optimizer steps of a fit (compilation, autotuning) are left out, and their
     time is logged once; validation time is left out too.
     """
@@ -50,6 +52,7 @@ class TrainingThroughput(ThroughputMonitor):
         self.warmup_steps = warmup_steps
         self._steps = 0
         self._flops_since_update = 0
+        self._fresh = False  # rates updated since they were last logged
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)  # starts the training clock (``_t0s``)
@@ -77,6 +80,7 @@ class TrainingThroughput(ThroughputMonitor):
             flops=self._flops_since_update or None,
         )
         self._flops_since_update = 0
+        self._fresh = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -94,21 +98,23 @@ class TrainingThroughput(ThroughputMonitor):
             )
             self._start(trainer)  # the windows begin after the warm-up
             self._throughputs[RunningStage.TRAINING].update(time=0.0, batches=0, samples=0, lengths=0)
+            self._fresh = False
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
         stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or self._steps < self.warmup_steps:
+        if stage != RunningStage.TRAINING or self._steps < self.warmup_steps or not self._fresh:
             return
+        self._fresh = False
         metrics = self._throughputs[stage].compute()
         module = trainer.lightning_module
         if "device/items_per_sec" in metrics:
             tokens_per_s = metrics["device/items_per_sec"] * trainer.world_size
-            module.log("train/tokens_per_s", tokens_per_s, rank_zero_only=True)
+            module.log("train/tokens_per_s", torch.tensor(tokens_per_s), rank_zero_only=True)
         if "device/mfu" in metrics:
-            module.log("train/mfu", metrics["device/mfu"], rank_zero_only=True)
+            module.log("train/mfu", torch.tensor(metrics["device/mfu"]), rank_zero_only=True)
         if trainer.strategy.root_device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
-            module.log("train/peak_memory_gib", peak, rank_zero_only=True)
+            module.log("train/peak_memory_gib", torch.tensor(peak), rank_zero_only=True)
 
 
 class SignalCheckpoint(L.Callback):

@@ -141,10 +141,14 @@ class LanguageModel(L.LightningModule):
         if nonfinite:
             return self._on_nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
+        self._log_lr()
+        return loss
+
+    def _log_lr(self) -> None:
         schedulers = self.lr_schedulers()
         if schedulers is not None:
-            self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
-        return loss
+            # As a host tensor: Lightning would copy a Python number to the GPU, a copy that waits for it.
+            self.log("train/lr", torch.tensor(schedulers.get_last_lr()[0]), prog_bar=False)
 
     def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # The last step's verdict is read now that this forward pass is queued: the wait overlaps it.
@@ -162,9 +166,7 @@ class LanguageModel(L.LightningModule):
             if self._skipped is None:
                 self._skipped = torch.zeros((), device=value.device)
             self.log("train/skipped_batches", self._skipped + (~verdict.loss_finite).float())
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            self.log("train/lr", schedulers.get_last_lr()[0], prog_bar=False)
+        self._log_lr()
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -254,7 +256,7 @@ class LanguageModel(L.LightningModule):
         # Skipped. Logged as what it was: the step's non-finite loss and the running count of skipped
         # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/skipped_batches", float(self.nonfinite_skips))
+        self.log("train/skipped_batches", torch.tensor(float(self.nonfinite_skips)))
         return None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

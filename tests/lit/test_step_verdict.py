@@ -62,3 +62,26 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path, m
     rows = [r for r in read_rows(tmp_path / "metrics.csv") if r["train/loss"]]
     assert [r["train/skipped_batches"] for r in rows] == ["0.0", "0.0", "1.0", "1.0", "1.0", "1.0", "1.0", "1.0"]
     assert rows[2]["train/grad_norm"] == "nan"
+
+
+def test_training_steps_log_no_python_numbers(tmp_path, monkeypatch):
+    # On a GPU, Lightning copies a logged Python number to the device: a copy that waits for the GPU.
+    # Every value logged while training is a tensor, and the rates are logged at logging steps only.
+    import lightning as L
+
+    logged = []
+    real = L.LightningModule.log
+
+    def log(self, name, value, *args, **kwargs):
+        if self.training:
+            logged.append((self.global_step, name, value))
+        return real(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    train(compose(*RUN, f"run_dir={tmp_path}", "trainer.max_steps=6", "trainer.log_every_n_steps=2",
+                  "nonfinite_loss.action=skip"))
+    names = {name for _, name, _ in logged}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_batches", "train/tokens_per_s"} <= names
+    assert all(isinstance(value, torch.Tensor) for _, _, value in logged)
+    # Logged after the optimizer steps 1, 3 and 5 (global_step already counts them), not at every step.
+    assert [step for step, name, _ in logged if name == "train/tokens_per_s"] == [2, 4, 6]
