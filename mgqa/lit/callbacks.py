@@ -1,4 +1,4 @@
-"""Callbacks: throughput and MFU, checkpoint-on-signal, random-state checkpointing."""
+"""Callbacks: throughput and MFU, the progress bar, checkpoint-on-signal, random-state checkpointing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -115,6 +115,22 @@ class TrainingThroughput(ThroughputMonitor):
         if trainer.strategy.root_device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
             module.log("train/peak_memory_gib", torch.tensor(peak), rank_zero_only=True)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing ``train/loss`` read at each refresh.
+
+    Lightning turns every value logged with ``prog_bar=True`` into a Python number after every
+    batch, a read that waits for the GPU. The training loss is logged without it, and the bar
+    reads it here, once per refresh (``refresh_rate`` steps).
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            items["train/loss"] = round(float(loss), 3)
+        return items
 
 
 class SignalCheckpoint(L.Callback):

@@ -140,7 +140,7 @@ class LanguageModel(L.LightningModule):
         self._check_last_update()  # its flag was computed before this forward: reading it costs no wait
         if nonfinite:
             return self._on_nonfinite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
         self._log_lr()
         return loss
 
@@ -161,7 +161,7 @@ class LanguageModel(L.LightningModule):
         else:  # another batch of an accumulated step
             verdict.loss = torch.where(verdict.loss_finite, value, verdict.loss)
             verdict.loss_finite = verdict.loss_finite & finite
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
         if self.nonfinite_action == "skip":
             if self._skipped is None:
                 self._skipped = torch.zeros((), device=value.device)
@@ -255,7 +255,7 @@ class LanguageModel(L.LightningModule):
         self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")
         # Skipped. Logged as what it was: the step's non-finite loss and the running count of skipped
         # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/loss", loss.detach())
         self.log("train/skipped_batches", torch.tensor(float(self.nonfinite_skips)))
         return None
 

@@ -1,5 +1,7 @@
 """The fused optimizer's step: clipping and the non-finite check inside its kernel, read one step later."""
 
+import re
+
 import pytest
 import torch
 
@@ -85,3 +87,11 @@ def test_training_steps_log_no_python_numbers(tmp_path, monkeypatch):
     assert all(isinstance(value, torch.Tensor) for _, _, value in logged)
     # Logged after the optimizer steps 1, 3 and 5 (global_step already counts them), not at every step.
     assert [step for step, name, _ in logged if name == "train/tokens_per_s"] == [2, 4, 6]
+
+
+def test_the_progress_bar_shows_the_training_loss(tmp_path, capfd):
+    # train/loss is logged without prog_bar (which would read it after every batch); the bar reads it itself.
+    train(compose("debug=fast", "sample.max_new_tokens=0", f"run_dir={tmp_path}", "trainer.log_every_n_steps=2"))
+    err = capfd.readouterr().out  # Lightning draws its bar on standard output
+    shown = [float(value) for value in re.findall(r"train/loss=([0-9.]+)", err)]
+    assert shown and all(0 < value < 10 for value in shown)
