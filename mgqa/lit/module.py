@@ -161,13 +161,22 @@ class LanguageModel(L.LightningModule):
         else:  # another batch of an accumulated step
             verdict.loss = torch.where(verdict.loss_finite, value, verdict.loss)
             verdict.loss_finite = verdict.loss_finite & finite
-        self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
-        if self.nonfinite_action == "skip":
-            if self._skipped is None:
-                self._skipped = torch.zeros((), device=value.device)
-            self.log("train/skipped_batches", self._skipped + (~verdict.loss_finite).float())
-        self._log_lr()
+        if self.nonfinite_action == "skip" and self._skipped is None:
+            self._skipped = torch.zeros((), device=value.device)
+        if self._logging_step():
+            self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
+            if self._skipped is not None:
+                self.log("train/skipped_batches", self._skipped + (~verdict.loss_finite).float())
+            self._log_lr()
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every ``trainer.log_every_n_steps``).
+
+        Values logged at other steps are never written, and each ``self.log`` call costs host
+        time, which a step bound by the host's kernel launches cannot spare.
+        """
+        return self.trainer._logger_connector.should_update_logs
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         verdict = self._step_verdict
@@ -176,7 +185,8 @@ class LanguageModel(L.LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
         verdict.grad_norm = norm
-        self.log("train/grad_norm", norm)
+        if self._logging_step():
+            self.log("train/grad_norm", norm)
         # Non-zero: the fused kernel leaves the weights and the optimizer state (step count included)
         # as they are.
         found_inf = (~(verdict.loss_finite & torch.isfinite(norm))).float()

@@ -85,7 +85,9 @@ def test_training_steps_log_no_python_numbers(tmp_path, monkeypatch):
     names = {name for _, name, _ in logged}
     assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_batches", "train/tokens_per_s"} <= names
     assert all(isinstance(value, torch.Tensor) for _, _, value in logged)
-    # Logged after the optimizer steps 1, 3 and 5 (global_step already counts them), not at every step.
+    # Logged at the logging steps 1, 3 and 5 only; the rates after the step (global_step counts it).
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/skipped_batches"):
+        assert [step for step, n, _ in logged if n == name] == [1, 3, 5], name
     assert [step for step, name, _ in logged if name == "train/tokens_per_s"] == [2, 4, 6]
 
 
