@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from mgqa.convert.hf_export import to_hf_llama
+from mgqa.lit.module import clipping_scale
 from mgqa.model import MGQATransformer, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def time_impl(
         loss.backward()
         if clip == "kernel":  # what train.py does with a fused optimizer (mgqa.lit.module)
             norm = torch.nn.utils.get_total_norm([w.grad for w in weights], foreach=True)
-            optimizer.grad_scale = ((norm + 1e-6) / 1.0).clamp(min=1.0)
+            optimizer.grad_scale = clipping_scale(norm, 1.0)
             optimizer.found_inf = (~torch.isfinite(norm)).float()
         else:
             torch.nn.utils.clip_grad_norm_(weights, 1.0)

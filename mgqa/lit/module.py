@@ -37,6 +37,12 @@ class _StepVerdict:
     skipped: Optional[torch.Tensor] = None  # the optimizer left the weights as they were (bool)
 
 
+def clipping_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The ``grad_scale`` a fused optimizer divides every gradient by to clip their total ``norm``
+    to ``max_norm``: ``clip_grad_norm_``'s factor max_norm / (norm + 1e-6) where the norm exceeds it."""
+    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
+
+
 class LanguageModel(L.LightningModule):
     """Trains ``MGQATransformer`` on (inputs, targets) token batches.
 
@@ -140,15 +146,24 @@ class LanguageModel(L.LightningModule):
         self._check_last_update()  # its flag was computed before this forward: reading it costs no wait
         if nonfinite:
             return self._on_nonfinite(loss, batch_idx)
-        self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
-        self._log_lr()
+        self._log_step(loss)
         return loss
 
-    def _log_lr(self) -> None:
+    def _log_step(self, loss: torch.Tensor, skipped: Optional[torch.Tensor] = None) -> None:
+        """The step's loss, learning rate and (``skip`` mode) skipped-step count, at logging steps.
+
+        Values logged at other steps are never written, and each ``self.log`` call costs host time,
+        which a step bound by the host's kernel launches cannot spare.
+        """
+        if not self.trainer._logger_connector.should_update_logs:
+            return
+        self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
+        if skipped is not None:
+            self.log("train/skipped_batches", skipped)
         schedulers = self.lr_schedulers()
         if schedulers is not None:
             # As a host tensor: Lightning would copy a Python number to the GPU, a copy that waits for it.
-            self.log("train/lr", torch.tensor(schedulers.get_last_lr()[0]), prog_bar=False)
+            self.log("train/lr", torch.tensor(schedulers.get_last_lr()[0]))
 
     def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # The last step's verdict is read now that this forward pass is queued: the wait overlaps it.
@@ -163,29 +178,18 @@ class LanguageModel(L.LightningModule):
             verdict.loss_finite = verdict.loss_finite & finite
         if self.nonfinite_action == "skip" and self._skipped is None:
             self._skipped = torch.zeros((), device=value.device)
-        if self._logging_step():
-            self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
-            if self._skipped is not None:
-                self.log("train/skipped_batches", self._skipped + (~verdict.loss_finite).float())
-            self._log_lr()
+        skipped = self._skipped + (~verdict.loss_finite).float() if self._skipped is not None else None
+        self._log_step(loss, skipped)
         return loss
 
-    def _logging_step(self) -> bool:
-        """Whether Lightning writes this step's logged values (every ``trainer.log_every_n_steps``).
-
-        Values logged at other steps are never written, and each ``self.log`` call costs host
-        time, which a step bound by the host's kernel launches cannot spare.
-        """
-        return self.trainer._logger_connector.should_update_logs
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        verdict = self._step_verdict
-        if not self._verdict_on_device or verdict is None:
+        verdict = self._step_verdict  # set by the training step only when the verdict stays on the device
+        if verdict is None:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
         verdict.grad_norm = norm
-        if self._logging_step():
+        if self.trainer._logger_connector.should_update_logs:
             self.log("train/grad_norm", norm)
         # Non-zero: the fused kernel leaves the weights and the optimizer state (step count included)
         # as they are.
@@ -200,7 +204,7 @@ class LanguageModel(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         verdict, self._step_verdict = self._step_verdict, None
-        if self._verdict_on_device and verdict is not None:
+        if verdict is not None:
             optimizer = self.trainer.optimizers[0]
             found_inf = optimizer.found_inf
             optimizer.found_inf = optimizer.grad_scale = None
@@ -265,8 +269,7 @@ class LanguageModel(L.LightningModule):
         self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")
         # Skipped. Logged as what it was: the step's non-finite loss and the running count of skipped
         # batches (a key left unlogged in a step would repeat its previous value in metrics.csv).
-        self.log("train/loss", loss.detach())
-        self.log("train/skipped_batches", torch.tensor(float(self.nonfinite_skips)))
+        self._log_step(loss.detach(), torch.tensor(float(self.nonfinite_skips)))
         return None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -290,11 +293,9 @@ class LanguageModel(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         verdict = self._step_verdict
-        if self._verdict_on_device and gradient_clip_algorithm != "value" and verdict is not None:
-            # The fused kernel divides each gradient by grad_scale: the same factor as
-            # clip_grad_norm_'s max_norm / (norm + 1e-6) when the norm is over max_norm, without a
-            # pass over the gradients of its own.
-            optimizer.grad_scale = ((verdict.grad_norm + 1e-6) / gradient_clip_val).clamp(min=1.0)
+        if verdict is not None and gradient_clip_algorithm != "value":
+            # Applied by the fused kernel as it reads each gradient: no pass over them of its own.
+            optimizer.grad_scale = clipping_scale(verdict.grad_norm, gradient_clip_val)
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
