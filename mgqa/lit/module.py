@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +35,19 @@ class _StepVerdict:
     loss: torch.Tensor  # the step's loss; under gradient accumulation its first non-finite one
     loss_finite: torch.Tensor  # every loss of the step finite (bool)
     grad_norm: Optional[torch.Tensor] = None  # the total gradient norm
-    skipped: Optional[torch.Tensor] = None  # the optimizer left the weights as they were (bool)
+    flags: Optional[torch.Tensor] = None  # (update skipped, weights finite after it), bool, on the host
+    ready: Optional[Any] = None  # an event recorded after the copy of ``flags``; None where it is synchronous
+
+
+def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
+    """Queue a copy of ``flags`` to pinned host memory, and an event marking its end (None on CPU)."""
+    if flags.device.type != "cuda":
+        return flags, None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def clipping_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -63,11 +76,17 @@ class LanguageModel(L.LightningModule):
 
     With a fused optimizer (AdamW's default) on one device or under DDP, no step waits for the
     device. The optimizer's kernel skips the update of a step whose loss or gradient norm is not
-    finite (``found_inf``, as for a loss scaler) and applies gradient clipping (``grad_scale``); the
-    host reads that verdict once the next step's forward pass is queued, or before a checkpoint is
-    written, and stops or counts the skip then. Other optimizers and strategies check the loss before
-    the backward pass, which waits for the forward pass every step.
+    finite (``found_inf``, as for a loss scaler) and applies gradient clipping (``grad_scale``). The
+    verdict is copied to the host behind the step; the host acts on it (stops, or counts the skip)
+    once the copy has landed, at most ``verdict_lag`` steps later, and always before a checkpoint is
+    written. Other optimizers and strategies check the loss before the backward pass, which waits
+    for the forward pass every step.
     """
+
+    # Steps the host may queue ahead of the last verdict it has read: a run told to stop on a
+    # non-finite step stops at most this many steps after it. The skipped update was never applied,
+    # and checkpoints wait for every verdict, so the lag loses nothing.
+    verdict_lag = 2
 
     def __init__(
         self,
@@ -90,7 +109,7 @@ class LanguageModel(L.LightningModule):
         self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
         self._verdict_on_device = False  # decided when fitting starts (class docstring)
         self._step_verdict: Optional[_StepVerdict] = None  # the step being computed
-        self._pending: Optional[_StepVerdict] = None  # the last step's, not read yet
+        self._pending: collections.deque[_StepVerdict] = collections.deque()  # steps done, verdict not read
         self._skipped: Optional[torch.Tensor] = None  # steps skipped so far (device), for the log
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
@@ -130,7 +149,8 @@ class LanguageModel(L.LightningModule):
             # same norm and takes the same decision; sharded gradients would need a reduction first.
             and type(self.trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
         )
-        self._step_verdict = self._pending = None
+        self._step_verdict = None
+        self._pending.clear()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         inputs = batch[0]  # (B, N)
@@ -166,8 +186,7 @@ class LanguageModel(L.LightningModule):
             self.log("train/lr", torch.tensor(schedulers.get_last_lr()[0]))
 
     def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        # The last step's verdict is read now that this forward pass is queued: the wait overlaps it.
-        self._read_verdict()
+        self._read_verdicts(wait=False)
         value = loss.detach()
         finite = torch.isfinite(value)
         verdict = self._step_verdict
@@ -208,17 +227,21 @@ class LanguageModel(L.LightningModule):
             optimizer = self.trainer.optimizers[0]
             found_inf = optimizer.found_inf
             optimizer.found_inf = optimizer.grad_scale = None
-            verdict.skipped = found_inf > 0
             if self._skipped is not None:
                 self._skipped = self._skipped + found_inf
-            self._pending = verdict
-        # One fused pass over the weights, left on the device: the flag is read once the next
-        # forward pass is queued or before a checkpoint is written, so the check adds no host
-        # wait to a step.
+            verdict.flags, verdict.ready = _to_host(torch.stack((found_inf > 0, self._weights_finite())))
+            self._pending.append(verdict)
+        else:
+            # Read once the next forward pass is queued, or before a checkpoint is written: the check
+            # adds no host wait to a step.
+            self._update_check = (self.global_step, self._weights_finite())
+
+    def _weights_finite(self) -> torch.Tensor:
+        """One fused pass over the weights, on the device (bool)."""
         params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
-        if params:
-            finite = torch.stack(torch._foreach_norm(params)).isfinite().all()
-            self._update_check = (self.global_step, finite)
+        if not params:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.stack(torch._foreach_norm(params)).isfinite().all()
 
     def _check_last_update(self) -> None:
         """Stop if the last optimizer step left NaN or infinity in the weights (on any rank)."""
@@ -226,8 +249,10 @@ class LanguageModel(L.LightningModule):
             return
         step, finite = self._update_check
         self._update_check = None
-        if not self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
-            return
+        if self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
+            self._raise_nonfinite_weights(step)
+
+    def _raise_nonfinite_weights(self, step: int) -> None:
         names = [n for n, p in self.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         where = ", ".join(names[:3]) if names else "on another rank"
         raise NonFiniteLossError(
@@ -236,17 +261,31 @@ class LanguageModel(L.LightningModule):
             "ckpt_path=last, or from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
         )
 
-    def _read_verdict(self) -> None:
-        """Act on the last step's verdict: stop, or count a skipped step."""
+    def _read_verdicts(self, wait: bool) -> None:
+        """Act on the verdicts of finished steps, oldest first: stop, or count a skipped step.
+
+        Without ``wait``, a verdict still on its way is left for later unless more than
+        ``verdict_lag`` steps are waiting, and then only the oldest are waited for.
+        """
         self._check_last_update()
-        verdict, self._pending = self._pending, None
-        if verdict is None or not bool(verdict.skipped):  # the host's only wait for the device
-            return
-        where = f"at step {verdict.step} (batch {verdict.batch_idx} of epoch {verdict.epoch})"
-        if bool(verdict.loss_finite):
-            self._skip_or_stop(f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)")
-        else:
-            self._skip_or_stop(f"training loss is {float(verdict.loss)} {where}")
+        while self._pending:
+            verdict = self._pending[0]
+            if verdict.ready is not None and not verdict.ready.query():
+                if not wait and len(self._pending) <= self.verdict_lag:
+                    return
+                verdict.ready.synchronize()
+            self._pending.popleft()
+            skipped, weights_finite = verdict.flags.tolist()
+            if not weights_finite:
+                # Every rank holds the same weights after the same update, so every rank stops here.
+                self._raise_nonfinite_weights(verdict.step)
+            if not skipped:
+                continue
+            where = f"at step {verdict.step} (batch {verdict.batch_idx} of epoch {verdict.epoch})"
+            if bool(verdict.loss_finite):
+                self._skip_or_stop(f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)")
+            else:
+                self._skip_or_stop(f"training loss is {float(verdict.loss)} {where}")
 
     def _skip_or_stop(self, what: str) -> None:
         """Count a skipped update (``skip``, at most ``max_skips`` times) or raise ``NonFiniteLossError``."""
@@ -260,10 +299,10 @@ class LanguageModel(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._read_verdict()  # before any file holding this step's weights is written
+        self._read_verdicts(wait=True)  # before any file holding this step's weights is written
 
     def on_train_end(self) -> None:
-        self._read_verdict()  # the last step's
+        self._read_verdicts(wait=True)  # the last steps'
 
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from mgqa.lit.module import LanguageModel
+from mgqa.lit.module import LanguageModel, NonFiniteLossError
 from mgqa.lit.run import train
 from tests.conftest import TINY, compose
 from tests.lit.test_training import read_rows
@@ -97,3 +97,66 @@ def test_the_progress_bar_shows_the_training_loss(tmp_path, capfd):
     err = capfd.readouterr().out  # Lightning draws its bar on standard output
     shown = [float(value) for value in re.findall(r"train/loss=([0-9.]+)", err)]
     assert shown and all(0 < value < 10 for value in shown)
+
+
+class _CopyInFlight:
+    """Stands in for the CUDA event after a verdict's copy to the host: never done when asked, so
+    the host reads a verdict only where it must wait for it."""
+
+    def __init__(self, events: list, step: int) -> None:
+        self.events, self.step = events, step
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        self.events.append(("wait", self.step))
+
+
+def _copies_in_flight(monkeypatch):
+    """Every verdict's copy is still in flight when asked; returns the list of forwards and waits."""
+    import mgqa.lit.module as module
+
+    events = []
+    real_loss = LanguageModel._loss
+
+    def loss(self, batch):
+        if self.training:
+            events.append(("forward", self.global_step))
+        return real_loss(self, batch)
+
+    def to_host(flags):
+        return flags, _CopyInFlight(events, len([e for e in events if e[0] == "forward"]) - 1)
+
+    monkeypatch.setattr(LanguageModel, "_loss", loss)
+    monkeypatch.setattr(module, "_to_host", to_host)
+    return events
+
+
+def test_the_host_runs_ahead_of_verdicts_still_on_their_way(tmp_path, monkeypatch):
+    events = _copies_in_flight(monkeypatch)
+    train(compose(*RUN, f"run_dir={tmp_path}", "trainer.max_steps=6",
+                  "trainer.val_check_interval=6"))  # a checkpoint waits for all
+    lag = LanguageModel.verdict_lag
+    # Step n's verdict is waited for only once lag + 1 verdicts are pending, at step n + lag + 1.
+    queued = [("forward", 0), ("forward", 1), ("forward", 2)]
+    for n in range(3, 6):
+        queued += [("forward", n), ("wait", n - lag - 1)]
+    assert events[: len(queued)] == queued, events
+    # The rest is read when training ends (or before a checkpoint), none left unread.
+    assert sorted(step for kind, step in events if kind == "wait") == list(range(6))
+
+
+def test_a_nan_step_read_late_still_stops_the_run_naming_it(tmp_path, monkeypatch):
+    events = _copies_in_flight(monkeypatch)
+    real = LanguageModel._loss  # the recording one
+
+    def nan_at_two(self, batch):
+        value = real(self, batch)
+        return value * float("nan") if self.training and self.global_step == 2 else value
+
+    monkeypatch.setattr(LanguageModel, "_loss", nan_at_two)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 2 .*stopping"):
+        train(compose(*RUN, f"run_dir={tmp_path}", "trainer.val_check_interval=8"))
+    forwards = [step for kind, step in events if kind == "forward"]
+    assert max(forwards) == 2 + LanguageModel.verdict_lag + 1  # stopped lag + 1 steps later, at the latest
