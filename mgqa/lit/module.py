@@ -78,13 +78,13 @@ class LanguageModel(L.LightningModule):
     device. The optimizer's kernel skips the update of a step whose loss or gradient norm is not
     finite (``found_inf``, as for a loss scaler) and applies gradient clipping (``grad_scale``). The
     verdict is copied to the host behind the step; the host acts on it (stops, or counts the skip)
-    once the copy has landed, at most ``verdict_lag`` steps later, and always before a checkpoint is
+    ``verdict_lag`` steps later, when the copy has long landed, and always before a checkpoint is
     written. Other optimizers and strategies check the loss before the backward pass, which waits
     for the forward pass every step.
     """
 
-    # Steps the host may queue ahead of the last verdict it has read: a run told to stop on a
-    # non-finite step stops at most this many steps after it. The skipped update was never applied,
+    # Steps the host queues ahead of the last verdict it has read: a run told to stop on a
+    # non-finite step stops this many steps after it. The skipped update was never applied,
     # and checkpoints wait for every verdict, so the lag loses nothing.
     verdict_lag = 2
 
@@ -264,13 +264,15 @@ class LanguageModel(L.LightningModule):
     def _read_verdicts(self, wait: bool) -> None:
         """Act on the verdicts of finished steps, oldest first: stop, or count a skipped step.
 
-        Without ``wait``, a verdict still on its way is left for later unless more than
-        ``verdict_lag`` steps are waiting, and then only the oldest are waited for.
+        Without ``wait``, a verdict copied asynchronously is read once more than ``verdict_lag``
+        steps are pending, by when its copy has long landed.
         """
         self._check_last_update()
         while self._pending:
             verdict = self._pending[0]
-            if verdict.ready is not None and not verdict.ready.query():
+            if verdict.ready is not None:
+                # At a fixed distance, not as soon as the copy lands: every DDP rank then acts on a
+                # step at the same point, and none is left in a collective waiting for one that stopped.
                 if not wait and len(self._pending) <= self.verdict_lag:
                     return
                 verdict.ready.synchronize()
