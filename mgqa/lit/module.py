@@ -111,6 +111,7 @@ class LanguageModel(L.LightningModule):
         self._step_verdict: Optional[_StepVerdict] = None  # the step being computed
         self._pending: collections.deque[_StepVerdict] = collections.deque()  # steps done, verdict not read
         self._skipped: Optional[torch.Tensor] = None  # steps skipped so far (device), for the log
+        self._float_params: list[torch.Tensor] = []  # listed when fitting starts
         self.val_loss = MeanMetric()
         guard = {"action": "stop", "max_skips": 3, **(nonfinite_loss or {})}
         if guard["action"] not in ("stop", "skip"):
@@ -151,6 +152,8 @@ class LanguageModel(L.LightningModule):
         )
         self._step_verdict = None
         self._pending.clear()
+        # The weights the finiteness check reads after every update: fixed for the fit, so listed once.
+        self._float_params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         inputs = batch[0]  # (B, N)
@@ -197,8 +200,9 @@ class LanguageModel(L.LightningModule):
             verdict.loss_finite = verdict.loss_finite & finite
         if self.nonfinite_action == "skip" and self._skipped is None:
             self._skipped = torch.zeros((), device=value.device)
-        skipped = self._skipped + (~verdict.loss_finite).float() if self._skipped is not None else None
-        self._log_step(loss, skipped)
+        if self.trainer._logger_connector.should_update_logs:  # the count is only worth a kernel when logged
+            skipped = self._skipped + (~verdict.loss_finite).float() if self._skipped is not None else None
+            self._log_step(loss, skipped)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -238,10 +242,9 @@ class LanguageModel(L.LightningModule):
 
     def _weights_finite(self) -> torch.Tensor:
         """One fused pass over the weights, on the device (bool)."""
-        params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
-        if not params:
+        if not self._float_params:
             return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.stack(torch._foreach_norm(params)).isfinite().all()
+        return torch.stack(torch._foreach_norm(self._float_params)).isfinite().all()
 
     def _check_last_update(self) -> None:
         """Stop if the last optimizer step left NaN or infinity in the weights (on any rank)."""
