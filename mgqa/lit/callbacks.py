@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 
 def _windows_in_batch(batch: Any) -> int:
@@ -24,6 +24,67 @@ def _windows_in_batch(batch: Any) -> int:
 
 def _tokens_in_batch(batch: Any) -> int:
     return int(batch[0].numel())
+
+
+class _HostClock:
+    """Seconds of training on the host's clock, validation left out: for CPU runs, whose work is
+    done when it is queued."""
+
+    def __init__(self) -> None:
+        self._origin = time.perf_counter()
+        self._paused = 0.0
+        self._pause_start: Optional[float] = None
+
+    def mark(self) -> float:
+        return time.perf_counter() - self._origin - self._paused
+
+    def seconds(self, mark: float) -> float:
+        return mark
+
+    def pause(self) -> None:
+        self._pause_start = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._pause_start is not None:
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+
+class _DeviceClock:
+    """Seconds of training on the GPU's own timeline, validation left out.
+
+    ``mark`` records a CUDA event in stream order; ``seconds`` reads it once the GPU has passed
+    it. Read a few steps later, that costs no wait, so the host keeps queueing work ahead of the
+    GPU at logging steps too. ``event`` makes the events (``torch.cuda.Event``).
+    """
+
+    def __init__(self, event: Any = None) -> None:
+        self._event = event or torch.cuda.Event
+        self._origin = self._record()
+        self._pauses: list[tuple[Any, Any]] = []  # (start, end) of each validation, in stream order
+        self._pause_start: Any = None
+
+    def _record(self) -> Any:
+        event = self._event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> tuple[Any, int]:
+        return self._record(), len(self._pauses)
+
+    def seconds(self, mark: tuple[Any, int]) -> float:
+        event, pauses = mark
+        event.synchronize()  # long passed where the row is written a few steps later
+        paused = sum(start.elapsed_time(end) for start, end in self._pauses[:pauses])
+        return (self._origin.elapsed_time(event) - paused) / 1e3
+
+    def pause(self) -> None:
+        self._pause_start = self._record()
+
+    def resume(self) -> None:
+        if self._pause_start is not None:
+            self._pauses.append((self._pause_start, self._record()))
+            self._pause_start = None
 
 
 class TrainingThroughput(ThroughputMonitor):
@@ -35,12 +96,12 @@ class TrainingThroughput(ThroughputMonitor):
     - ``train/peak_memory_gib``: the most GPU memory allocated so far (CUDA only).
 
     Rates cover the last ``window_size`` - 1 logging intervals (``trainer.log_every_n_steps``
-    steps each). The GPU is synchronised at logging steps only, not after every step as
-    Lightning's monitor does, so that the host keeps queueing work ahead of the GPU; for the same
-    reason the rates are computed and logged (as host tensors: a Python number logged is copied to
-    the GPU, which waits for it) at those steps only. The first
-    ``warmup_steps`` optimizer steps of a fit (compilation, autotuning) are left out, and their
-    time is logged once; validation time is left out too.
+    steps each), timed on the GPU's timeline by CUDA events (on the host's clock on CPU), with
+    validation left out. Lightning's monitor synchronises the GPU after every step to time it,
+    which leaves the GPU idle while the host queues the next; here nothing waits. A logging step's
+    rates join its row, which ``LanguageModel`` writes a few steps later (``add_to_step_row``),
+    once the GPU has passed the step's event. The first ``warmup_steps`` optimizer steps of a fit
+    (compilation, autotuning) are left out, and their time is logged once.
     """
 
     def __init__(self, window_size: int = 2, warmup_steps: int = 1) -> None:
@@ -51,70 +112,89 @@ class TrainingThroughput(ThroughputMonitor):
         super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)
         self.warmup_steps = warmup_steps
         self._steps = 0
-        self._flops_since_update = 0
-        self._fresh = False  # rates updated since they were last logged
+        self._clock: Any = None
+        self._counts = [0, 0, 0, 0]  # batches, windows, tokens since the clock started; FLOPs since the last mark
+        self._fit_start = 0.0
 
+    def _start_clock(self, trainer: L.Trainer) -> None:
+        on_cuda = trainer.strategy.root_device.type == "cuda"
+        self._clock = _DeviceClock() if on_cuda else _HostClock()
+        self._counts = [0, 0, 0, 0]
+        throughput = self._throughputs[RunningStage.TRAINING]
+        throughput.reset()
+        throughput.update(time=0.0, batches=0, samples=0, lengths=0)
+
+    @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)  # starts the training clock (``_t0s``)
-        self._steps, self._flops_since_update = 0, 0
+        self._steps, self._clock = 0, None
+        self._fit_start = time.perf_counter()
+        if self.warmup_steps == 0:
+            self._start_clock(trainer)
 
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING:
-            return  # a training run reads training's throughput only
-        self._samples[stage] += _windows_in_batch(batch)
-        self._lengths[stage] += _tokens_in_batch(batch)
-        self._batches[stage] += 1
-        self._flops_since_update += int(getattr(pl_module, "flops_per_batch", None) or 0)
-        at_step_end = not trainer.fit_loop._should_accumulate()
-        warmup_over = at_step_end and self._steps + 1 == self.warmup_steps
-        if not (at_step_end and (trainer._logger_connector.should_update_logs or warmup_over)):
-            return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)  # the time of work done, not queued
-        self._throughputs[stage].update(
-            time=time.perf_counter() - self._t0s[stage],
-            batches=self._batches[stage],
-            samples=self._samples[stage],
-            lengths=self._lengths[stage],
-            flops=self._flops_since_update or None,
-        )
-        self._flops_since_update = 0
-        self._fresh = True
-
+    @rank_zero_only
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        counts = self._counts
+        counts[0] += 1
+        counts[1] += _windows_in_batch(batch)
+        counts[2] += _tokens_in_batch(batch)
+        counts[3] += int(getattr(pl_module, "flops_per_batch", None) or 0)
         if trainer.fit_loop._should_accumulate():
             return
         self._steps += 1
-        if self._steps == self.warmup_steps and trainer.is_global_zero:
-            seconds = time.perf_counter() - self._t0s[RunningStage.TRAINING]
+        if self._steps == self.warmup_steps:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)  # once: the warm-up's time, done
+            seconds = time.perf_counter() - self._fit_start
             steps = "first step" if self.warmup_steps == 1 else f"first {self.warmup_steps} steps"
             rank_zero_info(
                 f"{steps} took {seconds:.1f} s (warm-up, and compilation where compile is on; "
                 "left out of train/tokens_per_s)"
             )
-            self._start(trainer)  # the windows begin after the warm-up
-            self._throughputs[RunningStage.TRAINING].update(time=0.0, batches=0, samples=0, lengths=0)
-            self._fresh = False
-
-    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or self._steps < self.warmup_steps or not self._fresh:
+            self._start_clock(trainer)  # the windows begin after the warm-up
             return
-        self._fresh = False
-        metrics = self._throughputs[stage].compute()
-        module = trainer.lightning_module
-        if "device/items_per_sec" in metrics:
-            tokens_per_s = metrics["device/items_per_sec"] * trainer.world_size
-            module.log("train/tokens_per_s", torch.tensor(tokens_per_s), rank_zero_only=True)
-        if "device/mfu" in metrics:
-            module.log("train/mfu", torch.tensor(metrics["device/mfu"]), rank_zero_only=True)
+        if self._clock is None or not trainer._logger_connector.should_update_logs:
+            return
+        mark, (batches, windows, tokens, flops) = self._clock.mark(), counts
+        counts[3] = 0
+        peak = None
         if trainer.strategy.root_device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
-            module.log("train/peak_memory_gib", torch.tensor(peak), rank_zero_only=True)
+            peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30  # a host-side count
+
+        def fill(clock: Any = self._clock, world_size: int = trainer.world_size) -> dict[str, float]:
+            throughput = self._throughputs[RunningStage.TRAINING]
+            throughput.update(
+                time=clock.seconds(mark), batches=batches, samples=windows, lengths=tokens, flops=flops or None
+            )
+            metrics = throughput.compute()
+            values = {}
+            if "device/items_per_sec" in metrics:
+                values["train/tokens_per_s"] = metrics["device/items_per_sec"] * world_size
+            if "device/mfu" in metrics:
+                values["train/mfu"] = metrics["device/mfu"]
+            if peak is not None:
+                values["train/peak_memory_gib"] = peak
+            return values
+
+        add_to_row = getattr(pl_module, "add_to_step_row", None)
+        if add_to_row is None or not add_to_row(fill):
+            for name, value in fill().items():
+                # As host tensors: a Python number logged is copied to the GPU, a copy that waits for it.
+                pl_module.log(name, torch.tensor(value), rank_zero_only=True)
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._clock is not None and not trainer.sanity_checking:
+            self._clock.pause()
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass  # training's throughput only
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._clock is not None and not trainer.sanity_checking:
+            self._clock.resume()
 
 
 class LossProgressBar(TQDMProgressBar):
@@ -122,7 +202,8 @@ class LossProgressBar(TQDMProgressBar):
 
     Lightning turns every value logged with ``prog_bar=True`` into a Python number after every
     batch, a read that waits for the GPU. The training loss is logged without it, and the bar
-    reads it here, once per refresh (``refresh_rate`` steps).
+    reads it here, once per refresh (``refresh_rate`` steps): with the fused optimizer, the host
+    copy of the last row written (a few steps old, no wait); otherwise the device value, a wait.
     """
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -25,7 +25,7 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-@dataclass
+@dataclasses.dataclass
 class _StepVerdict:
     """Whether an optimizer step was finite, held on the device until the host reads it."""
 
@@ -35,8 +35,15 @@ class _StepVerdict:
     loss: torch.Tensor  # the step's loss; under gradient accumulation its first non-finite one
     loss_finite: torch.Tensor  # every loss of the step finite (bool)
     grad_norm: Optional[torch.Tensor] = None  # the total gradient norm
-    flags: Optional[torch.Tensor] = None  # (update skipped, weights finite after it), bool, on the host
+    # (update skipped, weights finite after it, then the values of ``logged``), float32, on the host
+    flags: Optional[torch.Tensor] = None
     ready: Optional[Any] = None  # an event recorded after the copy of ``flags``; None where it is synchronous
+    # At a logging step: its row of metrics, written once the verdict is read. Host values, the
+    # names of the device values copied with the flags, and callables adding values (the rates).
+    row: Optional[dict[str, Any]] = None
+    logged: tuple[str, ...] = ()
+    values: Optional[list[float]] = None  # theirs, once read
+    fills: list[Callable[[], dict[str, Any]]] = dataclasses.field(default_factory=list)
 
 
 def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
@@ -79,8 +86,10 @@ class LanguageModel(L.LightningModule):
     finite (``found_inf``, as for a loss scaler) and applies gradient clipping (``grad_scale``). The
     verdict is copied to the host behind the step; the host acts on it (stops, or counts the skip)
     ``verdict_lag`` steps later, when the copy has long landed, and always before a checkpoint is
-    written. Other optimizers and strategies check the loss before the backward pass, which waits
-    for the forward pass every step.
+    written. A logging step's metrics travel with its verdict, and its row is written when the
+    verdict is read, so logging does not wait for the device either. Other optimizers and strategies
+    check the loss before the backward pass, which waits for the forward pass every step, and log
+    each row at its step.
     """
 
     # Steps the host queues ahead of the last verdict it has read: a run told to stop on a
@@ -110,6 +119,7 @@ class LanguageModel(L.LightningModule):
         self._verdict_on_device = False  # decided when fitting starts (class docstring)
         self._step_verdict: Optional[_StepVerdict] = None  # the step being computed
         self._pending: collections.deque[_StepVerdict] = collections.deque()  # steps done, verdict not read
+        self._open_row: Optional[_StepVerdict] = None  # the logging step just done, its row not yet written
         self._skipped: Optional[torch.Tensor] = None  # steps skipped so far (device), for the log
         self._float_params: list[torch.Tensor] = []  # listed when fitting starts
         self.val_loss = MeanMetric()
@@ -152,6 +162,7 @@ class LanguageModel(L.LightningModule):
         )
         self._step_verdict = None
         self._pending.clear()
+        self._open_row = None
         # The weights the finiteness check reads after every update: fixed for the fit, so listed once.
         self._float_params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
 
@@ -183,12 +194,43 @@ class LanguageModel(L.LightningModule):
         self.log("train/loss", loss)  # shown by the progress bar (LossProgressBar), which reads it at its refreshes
         if skipped is not None:
             self.log("train/skipped_batches", skipped)
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
+        for name, value in self._host_values().items():
             # As a host tensor: Lightning would copy a Python number to the GPU, a copy that waits for it.
-            self.log("train/lr", torch.tensor(schedulers.get_last_lr()[0]))
+            self.log(name, torch.tensor(value))
+
+    def _host_values(self) -> dict[str, float]:
+        """The step's metrics known on the host: the learning rate."""
+        schedulers = self.lr_schedulers()
+        return {"train/lr": schedulers.get_last_lr()[0]} if schedulers is not None else {}
+
+    def add_to_step_row(self, fill: Callable[[], dict[str, Any]]) -> bool:
+        """Write ``fill()``'s values in the row of the logging step just done, when its verdict is read.
+
+        For callbacks logging at a logging step's end (the rates): ``fill`` runs a few steps later,
+        when what it reads on the device has long been done. False where the row is logged at its
+        step (no verdict on the device, or the row already written): the caller logs the values itself.
+        """
+        if self._open_row is None or self._open_row.row is None:
+            return False
+        self._open_row.fills.append(fill)
+        return True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After every callback's on_train_batch_end: the step's row can take no more values.
+        verdict, self._open_row = self._open_row, None
+        if verdict is not None and verdict.row is not None and verdict.values is not None:
+            self._write_row(verdict)  # its verdict was read while the step's callbacks ran
+
+    def _write_row(self, verdict: _StepVerdict) -> None:
+        """Log a logging step's row to every logger at its own step, and show its loss in the bar."""
+        row, verdict.row = {**verdict.row, **dict(zip(verdict.logged, verdict.values))}, None
+        for fill in verdict.fills:
+            row.update(fill())
+        self.trainer._logger_connector.log_metrics({**row, "epoch": verdict.epoch}, step=verdict.step)
+        self.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in row.items()})
 
     def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._open_row = None
         self._read_verdicts(wait=False)
         value = loss.detach()
         finite = torch.isfinite(value)
@@ -200,10 +242,7 @@ class LanguageModel(L.LightningModule):
             verdict.loss_finite = verdict.loss_finite & finite
         if self.nonfinite_action == "skip" and self._skipped is None:
             self._skipped = torch.zeros((), device=value.device)
-        if self.trainer._logger_connector.should_update_logs:  # the count is only worth a kernel when logged
-            skipped = self._skipped + (~verdict.loss_finite).float() if self._skipped is not None else None
-            self._log_step(loss, skipped)
-        return loss
+        return loss  # logged with the verdict (optimizer_step)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         verdict = self._step_verdict  # set by the training step only when the verdict stays on the device
@@ -212,8 +251,6 @@ class LanguageModel(L.LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
         verdict.grad_norm = norm
-        if self.trainer._logger_connector.should_update_logs:
-            self.log("train/grad_norm", norm)
         # Non-zero: the fused kernel leaves the weights and the optimizer state (step count included)
         # as they are.
         found_inf = (~(verdict.loss_finite & torch.isfinite(norm))).float()
@@ -231,9 +268,18 @@ class LanguageModel(L.LightningModule):
             optimizer = self.trainer.optimizers[0]
             found_inf = optimizer.found_inf
             optimizer.found_inf = optimizer.grad_scale = None
-            if self._skipped is not None:
+            values = [found_inf > 0, self._weights_finite()]
+            if self.trainer._logger_connector.should_update_logs:
+                logged = {"train/loss": verdict.loss, "train/grad_norm": verdict.grad_norm}
+                if self._skipped is not None:
+                    # A kernel of its own, so counted at logging steps only.
+                    logged["train/skipped_batches"] = self._skipped = self._skipped + found_inf
+                verdict.row, verdict.logged = self._host_values(), tuple(logged)
+                values += logged.values()
+                self._open_row = verdict
+            elif self._skipped is not None:
                 self._skipped = self._skipped + found_inf
-            verdict.flags, verdict.ready = _to_host(torch.stack((found_inf > 0, self._weights_finite())))
+            verdict.flags, verdict.ready = _to_host(torch.stack([v.float() for v in values]))
             self._pending.append(verdict)
         else:
             # Read once the next forward pass is queued, or before a checkpoint is written: the check
@@ -280,7 +326,11 @@ class LanguageModel(L.LightningModule):
                     return
                 verdict.ready.synchronize()
             self._pending.popleft()
-            skipped, weights_finite = verdict.flags.tolist()
+            skipped, weights_finite, *verdict.values = verdict.flags.tolist()
+            # The row of the step still ending (a checkpoint saved by its callbacks) waits for their
+            # values (on_train_batch_end); a row is written before any stop, so a NaN step's is kept.
+            if verdict.row is not None and (verdict is not self._open_row or skipped or not weights_finite):
+                self._write_row(verdict)
             if not weights_finite:
                 # Every rank holds the same weights after the same update, so every rank stops here.
                 self._raise_nonfinite_weights(verdict.step)

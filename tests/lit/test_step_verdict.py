@@ -66,31 +66,6 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path, m
     assert rows[2]["train/grad_norm"] == "nan"
 
 
-def test_training_steps_log_no_python_numbers(tmp_path, monkeypatch):
-    # On a GPU, Lightning copies a logged Python number to the device: a copy that waits for the GPU.
-    # Every value logged while training is a tensor, and the rates are logged at logging steps only.
-    import lightning as L
-
-    logged = []
-    real = L.LightningModule.log
-
-    def log(self, name, value, *args, **kwargs):
-        if self.training:
-            logged.append((self.global_step, name, value))
-        return real(self, name, value, *args, **kwargs)
-
-    monkeypatch.setattr(L.LightningModule, "log", log)
-    train(compose(*RUN, f"run_dir={tmp_path}", "trainer.max_steps=6", "trainer.log_every_n_steps=2",
-                  "nonfinite_loss.action=skip"))
-    names = {name for _, name, _ in logged}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_batches", "train/tokens_per_s"} <= names
-    assert all(isinstance(value, torch.Tensor) for _, _, value in logged)
-    # Logged at the logging steps 1, 3 and 5 only; the rates after the step (global_step counts it).
-    for name in ("train/loss", "train/lr", "train/grad_norm", "train/skipped_batches"):
-        assert [step for step, n, _ in logged if n == name] == [1, 3, 5], name
-    assert [step for step, name, _ in logged if name == "train/tokens_per_s"] == [2, 4, 6]
-
-
 def test_the_progress_bar_shows_the_training_loss(tmp_path, capfd):
     # train/loss is logged without prog_bar (which would read it after every batch); the bar reads it itself.
     train(compose("debug=fast", "sample.max_new_tokens=0", f"run_dir={tmp_path}", "trainer.log_every_n_steps=2"))
@@ -156,3 +131,77 @@ def test_a_nan_step_read_late_still_stops_the_run_naming_it(tmp_path, monkeypatc
         train(compose(*RUN, f"run_dir={tmp_path}", "trainer.val_check_interval=8"))
     forwards = [step for kind, step in events if kind == "forward"]
     assert max(forwards) == 2 + LanguageModel.verdict_lag + 1  # read once lag + 1 verdicts are pending
+
+
+def test_a_logging_step_waits_for_nothing_and_its_row_is_written_once_its_verdict_is_read(tmp_path, monkeypatch):
+    # On a GPU, Lightning reads every logged device value at a logging step (a wait for the whole
+    # queue) and copies a logged Python number to the device (another). A logging step's values
+    # travel with its verdict instead, and its row is written when the verdict is read.
+    import lightning as L
+
+    events = _copies_in_flight(monkeypatch)
+    logged = []
+    real_log, real_write = L.LightningModule.log, LanguageModel._write_row
+
+    def log(self, name, value, *args, **kwargs):
+        if self.training:
+            logged.append(name)
+        return real_log(self, name, value, *args, **kwargs)
+
+    def write_row(self, verdict):
+        events.append(("row", verdict.step))
+        return real_write(self, verdict)
+
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    monkeypatch.setattr(LanguageModel, "_write_row", write_row)
+    train(compose(*RUN, f"run_dir={tmp_path}", "trainer.max_steps=6", "trainer.log_every_n_steps=2",
+                  "trainer.val_check_interval=6", "nonfinite_loss.action=skip"))
+    assert logged == []  # nothing logged through Lightning while training
+    rows = [e for e in events if e[0] == "row"]
+    assert rows == [("row", 1), ("row", 3), ("row", 5)]  # the logging steps, each once
+    for row in rows:  # each right after the read of its verdict, at step n + lag + 1 (the last at the end)
+        assert events[events.index(row) - 1] == ("wait", row[1])
+    train_rows = [r for r in read_rows(tmp_path / "metrics.csv") if r["train/loss"]]
+    assert [int(r["step"]) for r in train_rows] == [1, 3, 5]
+    for r in train_rows:  # one row a step, the rates in it
+        for name in ("train/loss", "train/lr", "train/grad_norm", "train/skipped_batches", "train/tokens_per_s"):
+            assert float(r[name]) >= 0, (name, r)
+
+
+class _FakeEvent:
+    """A CUDA event on a clock the test moves: records when it is waited for."""
+
+    now = 0.0
+    waits: list = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.time = None
+
+    def record(self) -> None:
+        self.time = _FakeEvent.now
+
+    def synchronize(self) -> None:
+        _FakeEvent.waits.append(self.time)
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return (end.time - self.time) * 1e3  # milliseconds, as CUDA's
+
+
+def test_the_device_clock_times_training_on_the_gpu_timeline_without_validation():
+    from mgqa.lit.callbacks import _DeviceClock
+
+    _FakeEvent.now, _FakeEvent.waits = 10.0, []
+    clock = _DeviceClock(_FakeEvent)  # training timed from t = 10
+    _FakeEvent.now = 12.0
+    first = clock.mark()
+    _FakeEvent.now = 13.0
+    clock.pause()  # validation from 13 to 15
+    _FakeEvent.now = 15.0
+    clock.resume()
+    _FakeEvent.now = 18.0
+    second = clock.mark()
+    assert _FakeEvent.waits == []  # marking waits for nothing
+    assert clock.seconds(first) == pytest.approx(2.0)
+    assert clock.seconds(second) == pytest.approx(6.0)  # 8 s since the start, less 2 s of validation
+    assert _FakeEvent.waits == [12.0, 18.0]  # each event when it is read
