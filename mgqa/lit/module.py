@@ -268,17 +268,16 @@ class LanguageModel(L.LightningModule):
             optimizer = self.trainer.optimizers[0]
             found_inf = optimizer.found_inf
             optimizer.found_inf = optimizer.grad_scale = None
+            if self._skipped is not None:
+                self._skipped = self._skipped + found_inf
             values = [found_inf > 0, self._weights_finite()]
             if self.trainer._logger_connector.should_update_logs:
                 logged = {"train/loss": verdict.loss, "train/grad_norm": verdict.grad_norm}
                 if self._skipped is not None:
-                    # A kernel of its own, so counted at logging steps only.
-                    logged["train/skipped_batches"] = self._skipped = self._skipped + found_inf
+                    logged["train/skipped_batches"] = self._skipped
                 verdict.row, verdict.logged = self._host_values(), tuple(logged)
                 values += logged.values()
                 self._open_row = verdict
-            elif self._skipped is not None:
-                self._skipped = self._skipped + found_inf
             verdict.flags, verdict.ready = _to_host(torch.stack([v.float() for v in values]))
             self._pending.append(verdict)
         else:
