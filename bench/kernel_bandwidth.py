@@ -1,0 +1,140 @@
+"""Each of Inductor's kernels in the compiled training step, against the card's memory bandwidth.
+
+    python bench/kernel_bandwidth.py --shape 125m
+    python bench/kernel_bandwidth.py --shape 1b --impl mgqa_compiled_sdpa --top 40
+
+Runs `--steps` optimizer steps of one `bench/train_throughput.py` variant (blocks compiled, chunked
+loss, fused AdamW) under Inductor's per-kernel profiler (`TORCHINDUCTOR_PROFILE`): every generated
+Triton kernel (the fused norms, rotary, SwiGLU, residual adds, the loss's chunk step) is timed alone
+and its bytes read and written counted. Matrix products, attention and the optimizer are not
+Inductor's and do not appear; `bench/train_throughput.py --profile` times those.
+
+Prints a Markdown table of the kernels taking the most time per step, with their bandwidth and its
+share of the card's (where the card is known), and writes JSON (`--out`). A kernel well below the
+bandwidth with a large share of the step is where a hand-written kernel could beat compile. The
+profiler times each kernel in isolation, so the step is slower than in `train_throughput.py`; only
+the per-kernel figures mean anything here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# Memory bandwidth in GB/s (vendor figures), by the start of torch.cuda.get_device_name().
+BANDWIDTH_GBPS = {
+    "NVIDIA H100 80GB HBM3": 3350.0,
+    "NVIDIA H100 NVL": 3900.0,
+    "NVIDIA H100 PCIe": 2000.0,
+    "NVIDIA H200": 4800.0,
+    "NVIDIA A100-SXM4-80GB": 2039.0,
+    "NVIDIA A100-SXM4-40GB": 1555.0,
+}
+
+# One kernel call in Inductor's output file: "<ms>ms <GB> GB <GB/s>GB/s <share>% <kernel name>".
+_CALL = re.compile(r"^\s*([0-9.]+)ms\s+([0-9.]+) GB\s+([0-9.]+)GB/s\s+([0-9.]+)%\s+(\S+)\s*$")
+
+
+def card_bandwidth(card: str) -> float | None:
+    return next((gbps for name, gbps in BANDWIDTH_GBPS.items() if card.startswith(name)), None)
+
+
+def parse_profile(text: str, steps: int, bandwidth_gbps: float | None = None) -> list[dict[str, Any]]:
+    """Per kernel, summed over every call in Inductor's profile output and divided by ``steps``:
+    calls, ms and GB a step, and GB/s (with its share of ``bandwidth_gbps`` where given); most
+    time first."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for line in text.splitlines():
+        match = _CALL.match(line)
+        if match:
+            ms, gb, name = float(match[1]), float(match[2]), match[5]
+            total = totals[name]
+            total[0] += 1
+            total[1] += ms
+            total[2] += gb
+    rows = []
+    for name, (calls, ms, gb) in totals.items():
+        gbps = gb / (ms / 1e3) if ms > 0 else 0.0
+        row = {"kernel": name, "calls_per_step": calls / steps, "ms_per_step": ms / steps, "gb_per_step": gb / steps,
+               "gb_per_s": gbps}
+        if bandwidth_gbps:
+            row["bandwidth_share"] = gbps / bandwidth_gbps
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def table(rows: list[dict[str, Any]], top: int) -> str:
+    total = sum(r["ms_per_step"] for r in rows)
+    lines = ["| kernel | calls a step | ms a step | share of Inductor's time | GB a step | GB/s | of the card's |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows[:top]:
+        share = f"{100 * r['bandwidth_share']:.0f}%" if "bandwidth_share" in r else "-"
+        lines.append(f"| `{r['kernel']}` | {r['calls_per_step']:g} | {r['ms_per_step']:.3f} | "
+                     f"{100 * r['ms_per_step'] / total:.1f}% | {r['gb_per_step']:.3f} | {r['gb_per_s']:,.0f} | {share} |")
+    lines.append(f"| all {len(rows)} kernels | | {total:.3f} | 100% | {sum(r['gb_per_step'] for r in rows):.3f} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="125m", help="1b or 125m (bench/train_throughput.py's shapes)")
+    parser.add_argument("--impl", default="mgqa_compiled_sdpa", help="a compiled mgqa variant of bench/train_throughput.py")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps profiled (after one to compile)")
+    parser.add_argument("--top", type=int, default=25, help="kernels in the printed table")
+    parser.add_argument("--out", default="", help="JSON path (default bench/results/kernel_bandwidth_<shape>.json)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.top < 1:
+        parser.error(f"--steps ({args.steps}) and --top ({args.top}) must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "kernels.txt"
+        # Read when Inductor's config is first imported: before torch is.
+        os.environ["TORCHINDUCTOR_PROFILE"] = "1"
+        os.environ["TORCHINDUCTOR_PROFILE_OUTPUT"] = str(profile)
+        import torch  # noqa: PLC0415
+        import torch._inductor.config as inductor_config  # noqa: PLC0415
+        import train_throughput as tt  # noqa: PLC0415
+
+        if args.shape not in tt.SHAPES:
+            parser.error(f"unknown shape {args.shape!r}; choose from {list(tt.SHAPES)}")
+        if args.impl not in tt.IMPLS or "_compiled_" not in args.impl or not args.impl.startswith("mgqa"):
+            compiled = [i for i in tt.IMPLS if i.startswith("mgqa") and "_compiled_" in i]
+            parser.error(f"unknown or uncompiled implementation {args.impl!r}; choose from {compiled}")
+        if not torch.cuda.is_available():
+            print("error: bench/kernel_bandwidth.py needs a CUDA GPU", file=sys.stderr)
+            return 2
+        # With a profile output file Inductor also runs each graph's benchmark harness at compile
+        # time, which some torch versions call without its arguments: the per-kernel figures
+        # need only the profiler, so the harness is left out.
+        inductor_config.benchmark_harness = False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        shape = tt.SHAPES[args.shape]
+        tt.time_impl(args.impl, shape, args.steps, 1, None)
+        text = profile.read_text() if profile.is_file() else ""
+    card = torch.cuda.get_device_name()
+    bandwidth = card_bandwidth(card)
+    rows = parse_profile(text, args.steps + 1, bandwidth)  # time_impl's first step, then its timed ones
+    if not rows:
+        print("error: Inductor's profiler wrote no kernel timings (is this impl compiled?)", file=sys.stderr)
+        return 1
+    out = Path(args.out or f"bench/results/kernel_bandwidth_{args.shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"card": card, "torch": torch.__version__, "bandwidth_gbps": bandwidth, "shape": shape, "impl": args.impl,
+              "kernels": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{card}, torch {torch.__version__}, {args.impl} at {args.shape}: Inductor's kernels a step, "
+          f"each timed alone (bandwidth {bandwidth or 'unknown'} GB/s)")
+    print(table(rows, args.top))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""bench/kernel_bandwidth.py reads Inductor's per-kernel profile, refuses bad arguments, and says it needs a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._inductor.runtime.runtime_utils import create_bandwidth_info_str
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kernel_bandwidth as kb  # noqa: E402
+
+
+def section(calls: list[tuple[float, float, str]]) -> str:
+    """One graph call's block as Inductor writes it (triton_heuristics.end_graph), from torch's own formatter."""
+    total = sum(ms for ms, _, _ in calls)
+    lines = ["====================", "TRITON KERNELS BANDWIDTH INFO (/tmp/graph.py)"]
+    for ms, gb, name in sorted(calls, reverse=True):
+        suffix = f" \t {ms / total * 100:.2f}% \t {name}"
+        lines.append(create_bandwidth_info_str(ms, gb, gb / (ms / 1e3), suffix=suffix, color=False))
+    lines.append(f"SUMMARY (/tmp/graph.py)\n{total:.2f}ms   \t {sum(gb for _, gb, _ in calls):.2f} GB\t 1.00GB/s\n")
+    return "\n".join(lines)
+
+
+def test_kernels_are_summed_over_calls_and_steps_most_time_first():
+    # Two steps, each calling the norm kernel twice (two blocks) and the rotary kernel once.
+    step = section([(0.100, 0.200, "triton_red_fused_norm_0"), (0.100, 0.200, "triton_red_fused_norm_0"),
+                    (0.300, 0.150, "triton_poi_fused_rotary_1")])
+    rows = kb.parse_profile(step + "\n" + step, steps=2, bandwidth_gbps=3350.0)
+    assert [r["kernel"] for r in rows] == ["triton_poi_fused_rotary_1", "triton_red_fused_norm_0"]
+    rotary, norm = rows
+    assert rotary["calls_per_step"] == 1 and norm["calls_per_step"] == 2
+    assert rotary["ms_per_step"] == pytest.approx(0.300) and norm["ms_per_step"] == pytest.approx(0.200)
+    assert norm["gb_per_step"] == pytest.approx(0.400)
+    assert norm["gb_per_s"] == pytest.approx(2000.0) and rotary["gb_per_s"] == pytest.approx(500.0)
+    assert norm["bandwidth_share"] == pytest.approx(2000.0 / 3350.0)
+    text = kb.table(rows, top=1)
+    assert "`triton_poi_fused_rotary_1`" in text and "`triton_red_fused_norm_0`" not in text
+    assert "| all 2 kernels | | 0.500 | 100% | 0.550 |" in text
+
+
+def test_an_unknown_card_has_no_bandwidth_share():
+    assert kb.card_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
+    assert kb.card_bandwidth("Some Other GPU") is None
+    rows = kb.parse_profile(section([(0.1, 0.1, "triton_poi_fused_add_0")]), steps=1)
+    assert "bandwidth_share" not in rows[0]
+    assert "| - |" in kb.table(rows, top=5)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/kernel_bandwidth.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--shape", "7b"], "unknown shape '7b'"),
+    (["--impl", "hf_compiled"], "unknown or uncompiled implementation 'hf_compiled'"),
+    (["--steps", "0"], "--steps (0) and --top (25) must be at least 1"),
+])
+def test_bad_arguments_are_usage_errors(args, expected):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_without_a_gpu_it_says_so():
+    proc = run("--shape", "125m")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: bench/kernel_bandwidth.py needs a CUDA GPU"
