@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from mgqa.convert.hf_export import to_hf_llama
-from mgqa.lit.module import clipping_scale
+from mgqa.lit.step_verdict import clipping_scale
 from mgqa.model import MGQATransformer, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 from typing import Any, Callable, Optional
@@ -13,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics.aggregation import MeanMetric
 
+from mgqa.lit.step_verdict import StepVerdict, clipping_scale, to_host
 from mgqa.model import ConfigError, MGQATransformer, ModelConfig
 
 log = logging.getLogger("mgqa")
@@ -23,44 +23,6 @@ COMPILE_CHOICES = ("auto", True, False)
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class _StepVerdict:
-    """Whether an optimizer step was finite, held on the device until the host reads it."""
-
-    step: int
-    batch_idx: int
-    epoch: int
-    loss: torch.Tensor  # the step's loss; under gradient accumulation its first non-finite one
-    loss_finite: torch.Tensor  # every loss of the step finite (bool)
-    grad_norm: Optional[torch.Tensor] = None  # the total gradient norm
-    # (update skipped, weights finite after it, then the values of ``logged``), float32, on the host
-    flags: Optional[torch.Tensor] = None
-    ready: Optional[Any] = None  # an event recorded after the copy of ``flags``; None where it is synchronous
-    # At a logging step: its row of metrics, written once the verdict is read. Host values, the
-    # names of the device values copied with the flags, and callables adding values (the rates).
-    row: Optional[dict[str, Any]] = None
-    logged: tuple[str, ...] = ()
-    values: Optional[list[float]] = None  # theirs, once read
-    fills: list[Callable[[], dict[str, Any]]] = dataclasses.field(default_factory=list)
-
-
-def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
-    """Queue a copy of ``flags`` to pinned host memory, and an event marking its end (None on CPU)."""
-    if flags.device.type != "cuda":
-        return flags, None
-    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-    host.copy_(flags, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
-def clipping_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """The ``grad_scale`` a fused optimizer divides every gradient by to clip their total ``norm``
-    to ``max_norm``: ``clip_grad_norm_``'s factor max_norm / (norm + 1e-6) where the norm exceeds it."""
-    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 class LanguageModel(L.LightningModule):
@@ -117,9 +79,9 @@ class LanguageModel(L.LightningModule):
         self._flops_per_token: dict[int, int] = {}  # by sequence length
         self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
         self._verdict_on_device = False  # decided when fitting starts (class docstring)
-        self._step_verdict: Optional[_StepVerdict] = None  # the step being computed
-        self._pending: collections.deque[_StepVerdict] = collections.deque()  # steps done, verdict not read
-        self._open_row: Optional[_StepVerdict] = None  # the logging step just done, its row not yet written
+        self._step_verdict: Optional[StepVerdict] = None  # the step being computed
+        self._pending: collections.deque[StepVerdict] = collections.deque()  # steps done, verdict not read
+        self._open_row: Optional[StepVerdict] = None  # the logging step just done, its row not yet written
         self._skipped: Optional[torch.Tensor] = None  # steps skipped so far (device), for the log
         self._float_params: list[torch.Tensor] = []  # listed when fitting starts
         self.val_loss = MeanMetric()
@@ -221,7 +183,7 @@ class LanguageModel(L.LightningModule):
         if verdict is not None and verdict.row is not None and verdict.values is not None:
             self._write_row(verdict)  # its verdict was read while the step's callbacks ran
 
-    def _write_row(self, verdict: _StepVerdict) -> None:
+    def _write_row(self, verdict: StepVerdict) -> None:
         """Log a logging step's row to every logger at its own step, and show its loss in the bar."""
         row, verdict.row = {**verdict.row, **dict(zip(verdict.logged, verdict.values))}, None
         for fill in verdict.fills:
@@ -236,7 +198,7 @@ class LanguageModel(L.LightningModule):
         finite = torch.isfinite(value)
         verdict = self._step_verdict
         if verdict is None:
-            self._step_verdict = verdict = _StepVerdict(self.global_step, batch_idx, self.current_epoch, value, finite)
+            self._step_verdict = verdict = StepVerdict(self.global_step, batch_idx, self.current_epoch, value, finite)
         else:  # another batch of an accumulated step
             verdict.loss = torch.where(verdict.loss_finite, value, verdict.loss)
             verdict.loss_finite = verdict.loss_finite & finite
@@ -278,7 +240,7 @@ class LanguageModel(L.LightningModule):
                 verdict.row, verdict.logged = self._host_values(), tuple(logged)
                 values += logged.values()
                 self._open_row = verdict
-            verdict.flags, verdict.ready = _to_host(torch.stack([v.float() for v in values]))
+            verdict.flags, verdict.ready = to_host(torch.stack([v.float() for v in values]))
             self._pending.append(verdict)
         else:
             # Read once the next forward pass is queued, or before a checkpoint is written: the check

@@ -100,7 +100,7 @@ def _copies_in_flight(monkeypatch):
         return flags, _CopyInFlight(events, len([e for e in events if e[0] == "forward"]) - 1)
 
     monkeypatch.setattr(LanguageModel, "_loss", loss)
-    monkeypatch.setattr(module, "_to_host", to_host)
+    monkeypatch.setattr(module, "to_host", to_host)
     return events
 
 
