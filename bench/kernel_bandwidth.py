@@ -10,7 +10,8 @@ and its bytes read and written counted. Matrix products, attention and the optim
 Inductor's and do not appear; `bench/train_throughput.py --profile` times those.
 
 Prints a Markdown table of the kernels taking the most time per step, with their bandwidth and its
-share of the card's (where the card is known), and writes JSON (`--out`). A kernel well below the
+share of the card's device-to-device copy bandwidth (measured as `bench/decode.py` does), and writes
+JSON (`--out`). A kernel well below the
 bandwidth with a large share of the step is where a hand-written kernel could beat compile. The
 profiler times each kernel in isolation, so the step is slower than in `train_throughput.py`; only
 the per-kernel figures mean anything here.
@@ -28,22 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# Memory bandwidth in GB/s (vendor figures), by the start of torch.cuda.get_device_name().
-BANDWIDTH_GBPS = {
-    "NVIDIA H100 80GB HBM3": 3350.0,
-    "NVIDIA H100 NVL": 3900.0,
-    "NVIDIA H100 PCIe": 2000.0,
-    "NVIDIA H200": 4800.0,
-    "NVIDIA A100-SXM4-80GB": 2039.0,
-    "NVIDIA A100-SXM4-40GB": 1555.0,
-}
-
 # One kernel call in Inductor's output file: "<ms>ms <GB> GB <GB/s>GB/s <share>% <kernel name>".
 _CALL = re.compile(r"^\s*([0-9.]+)ms\s+([0-9.]+) GB\s+([0-9.]+)GB/s\s+([0-9.]+)%\s+(\S+)\s*$")
-
-
-def card_bandwidth(card: str) -> float | None:
-    return next((gbps for name, gbps in BANDWIDTH_GBPS.items() if card.startswith(name)), None)
 
 
 def parse_profile(text: str, steps: int, bandwidth_gbps: float | None = None) -> list[dict[str, Any]]:
@@ -72,7 +59,7 @@ def parse_profile(text: str, steps: int, bandwidth_gbps: float | None = None) ->
 
 def table(rows: list[dict[str, Any]], top: int) -> str:
     total = sum(r["ms_per_step"] for r in rows)
-    lines = ["| kernel | calls a step | ms a step | share of Inductor's time | GB a step | GB/s | of the card's |",
+    lines = ["| kernel | calls a step | ms a step | share of Inductor's time | GB a step | GB/s | of copy bandwidth |",
              "|---|---|---|---|---|---|---|"]
     for r in rows[:top]:
         share = f"{100 * r['bandwidth_share']:.0f}%" if "bandwidth_share" in r else "-"
@@ -101,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: PLC0415
         import torch._inductor.config as inductor_config  # noqa: PLC0415
         import train_throughput as tt  # noqa: PLC0415
+        from decode import copy_bandwidth_gbs  # noqa: PLC0415
 
         if args.shape not in tt.SHAPES:
             parser.error(f"unknown shape {args.shape!r}; choose from {list(tt.SHAPES)}")
@@ -119,18 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         tt.time_impl(args.impl, shape, args.steps, 1, None)
         text = profile.read_text() if profile.is_file() else ""
     card = torch.cuda.get_device_name()
-    bandwidth = card_bandwidth(card)
+    bandwidth = copy_bandwidth_gbs(torch.device("cuda"))  # the card's practical ceiling, measured
     rows = parse_profile(text, args.steps + 1, bandwidth)  # time_impl's first step, then its timed ones
     if not rows:
         print("error: Inductor's profiler wrote no kernel timings (is this impl compiled?)", file=sys.stderr)
         return 1
     out = Path(args.out or f"bench/results/kernel_bandwidth_{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"card": card, "torch": torch.__version__, "bandwidth_gbps": bandwidth, "shape": shape, "impl": args.impl,
+    result = {"card": card, "torch": torch.__version__, "copy_bandwidth_gbps": bandwidth, "shape": shape, "impl": args.impl,
               "kernels": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{card}, torch {torch.__version__}, {args.impl} at {args.shape}: Inductor's kernels a step, "
-          f"each timed alone (bandwidth {bandwidth or 'unknown'} GB/s)")
+          f"each timed alone; device-to-device copy {bandwidth:,.0f} GB/s")
     print(table(rows, args.top))
     print(f"\nwrote {out}")
     return 0

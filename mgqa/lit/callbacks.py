@@ -26,40 +26,33 @@ def _tokens_in_batch(batch: Any) -> int:
     return int(batch[0].numel())
 
 
-class _HostClock:
-    """Seconds of training on the host's clock, validation left out: for CPU runs, whose work is
-    done when it is queued."""
+class _HostEvent:
+    """``torch.cuda.Event``'s timing interface on the host's clock: for CPU runs, whose work is done
+    when it is queued."""
 
-    def __init__(self) -> None:
-        self._origin = time.perf_counter()
-        self._paused = 0.0
-        self._pause_start: Optional[float] = None
+    def __init__(self, enable_timing: bool = True) -> None:
+        self.time = 0.0
 
-    def mark(self) -> float:
-        return time.perf_counter() - self._origin - self._paused
+    def record(self) -> None:
+        self.time = time.perf_counter()
 
-    def seconds(self, mark: float) -> float:
-        return mark
+    def synchronize(self) -> None:
+        pass
 
-    def pause(self) -> None:
-        self._pause_start = time.perf_counter()
-
-    def resume(self) -> None:
-        if self._pause_start is not None:
-            self._paused += time.perf_counter() - self._pause_start
-            self._pause_start = None
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.time - self.time) * 1e3  # milliseconds, as CUDA's
 
 
-class _DeviceClock:
-    """Seconds of training on the GPU's own timeline, validation left out.
+class _TrainingClock:
+    """Seconds of training, validation left out, on the GPU's own timeline (CUDA events) or the host's.
 
-    ``mark`` records a CUDA event in stream order; ``seconds`` reads it once the GPU has passed
-    it. Read a few steps later, that costs no wait, so the host keeps queueing work ahead of the
-    GPU at logging steps too. ``event`` makes the events (``torch.cuda.Event``).
+    ``mark`` records an event in stream order; ``seconds`` reads it once the GPU has passed it.
+    Read a few steps later, that costs no wait, so the host keeps queueing work ahead of the GPU
+    at logging steps too. ``event`` makes the events: ``torch.cuda.Event`` or ``_HostEvent``.
     """
 
-    def __init__(self, event: Any = None) -> None:
-        self._event = event or torch.cuda.Event
+    def __init__(self, event: Any) -> None:
+        self._event = event
         self._origin = self._record()
         self._pauses: list[tuple[Any, Any]] = []  # (start, end) of each validation, in stream order
         self._pause_start: Any = None
@@ -118,7 +111,7 @@ class TrainingThroughput(ThroughputMonitor):
 
     def _start_clock(self, trainer: L.Trainer) -> None:
         on_cuda = trainer.strategy.root_device.type == "cuda"
-        self._clock = _DeviceClock() if on_cuda else _HostClock()
+        self._clock = _TrainingClock(torch.cuda.Event if on_cuda else _HostEvent)
         self._counts = [0, 0, 0, 0]
         throughput = self._throughputs[RunningStage.TRAINING]
         throughput.reset()

@@ -192,7 +192,6 @@ class LanguageModel(L.LightningModule):
         self.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in row.items()})
 
     def _training_step_without_wait(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self._open_row = None
         self._read_verdicts(wait=False)
         value = loss.detach()
         finite = torch.isfinite(value)
@@ -232,7 +231,7 @@ class LanguageModel(L.LightningModule):
             optimizer.found_inf = optimizer.grad_scale = None
             if self._skipped is not None:
                 self._skipped = self._skipped + found_inf
-            values = [found_inf > 0, self._weights_finite()]
+            values = [found_inf, self._weights_finite()]  # found_inf is already 0.0 or 1.0
             if self.trainer._logger_connector.should_update_logs:
                 logged = {"train/loss": verdict.loss, "train/grad_norm": verdict.grad_norm}
                 if self._skipped is not None:

@@ -189,10 +189,10 @@ class _FakeEvent:
 
 
 def test_the_device_clock_times_training_on_the_gpu_timeline_without_validation():
-    from mgqa.lit.callbacks import _DeviceClock
+    from mgqa.lit.callbacks import _TrainingClock
 
     _FakeEvent.now, _FakeEvent.waits = 10.0, []
-    clock = _DeviceClock(_FakeEvent)  # training timed from t = 10
+    clock = _TrainingClock(_FakeEvent)  # training timed from t = 10
     _FakeEvent.now = 12.0
     first = clock.mark()
     _FakeEvent.now = 13.0
