@@ -42,6 +42,9 @@ class LanguageModel(L.LightningModule):
     logs its loss (NaN/Inf) and ``train/skipped_batches``. Weights made non-finite by an update
     (a finite loss can still give one, e.g. at a huge learning rate) stop the run in either mode,
     before any checkpoint holding them is written: a skipped batch cannot undo an applied update.
+    The weights are checked where the run waits anyway, not after every update: when a loss or
+    gradient is non-finite (what non-finite weights give the next step), before every checkpoint,
+    and when training ends.
 
     With a fused optimizer (AdamW's default) on one device or under DDP, no step waits for the
     device. The optimizer's kernel skips the update of a step whose loss or gradient norm is not
@@ -77,7 +80,6 @@ class LanguageModel(L.LightningModule):
         self.model = MGQATransformer.from_config(self.model_config)
         self.flops_per_batch: Optional[int] = None  # read by ThroughputMonitor for MFU
         self._flops_per_token: dict[int, int] = {}  # by sequence length
-        self._update_check: Optional[tuple[int, torch.Tensor]] = None  # (step, weights finite) on the device
         self._verdict_on_device = False  # decided when fitting starts (class docstring)
         self._step_verdict: Optional[StepVerdict] = None  # the step being computed
         self._pending: collections.deque[StepVerdict] = collections.deque()  # steps done, verdict not read
@@ -125,7 +127,7 @@ class LanguageModel(L.LightningModule):
         self._step_verdict = None
         self._pending.clear()
         self._open_row = None
-        # The weights the finiteness check reads after every update: fixed for the fit, so listed once.
+        # The weights the finiteness check reads: fixed for the fit, so listed once.
         self._float_params = [p for p in self.parameters() if p.is_floating_point() and p.numel() > 0]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
@@ -139,8 +141,8 @@ class LanguageModel(L.LightningModule):
             return self._training_step_without_wait(loss, batch_idx)
         # Every rank takes the same decision, so DDP never waits on a rank that skipped backward.
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        self._check_last_update()  # its flag was computed before this forward: reading it costs no wait
         if nonfinite:
+            self._check_weights(self.global_step)  # non-finite weights are the likeliest cause
             return self._on_nonfinite(loss, batch_idx)
         self._log_step(loss)
         return loss
@@ -231,7 +233,7 @@ class LanguageModel(L.LightningModule):
             optimizer.found_inf = optimizer.grad_scale = None
             if self._skipped is not None:
                 self._skipped = self._skipped + found_inf
-            values = [found_inf, self._weights_finite()]  # found_inf is already 0.0 or 1.0
+            values = [found_inf]  # already 0.0 or 1.0
             if self.trainer._logger_connector.should_update_logs:
                 logged = {"train/loss": verdict.loss, "train/grad_norm": verdict.grad_norm}
                 if self._skipped is not None:
@@ -241,33 +243,26 @@ class LanguageModel(L.LightningModule):
                 self._open_row = verdict
             verdict.flags, verdict.ready = to_host(torch.stack([v.float() for v in values]))
             self._pending.append(verdict)
-        else:
-            # Read once the next forward pass is queued, or before a checkpoint is written: the check
-            # adds no host wait to a step.
-            self._update_check = (self.global_step, self._weights_finite())
 
-    def _weights_finite(self) -> torch.Tensor:
-        """One fused pass over the weights, on the device (bool)."""
+    def _check_weights(self, step: int) -> None:
+        """Stop if the weights hold NaN or infinity (on any rank). One pass over them and a host wait:
+        called only where the run waits anyway, on every rank at the same point.
+
+        Not after every update: weights made non-finite at step n make step n + 1's loss non-finite,
+        which is checked there, and a checkpoint is checked before it is written. That spares every
+        step a read of all the weights.
+        """
         if not self._float_params:
-            return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.stack(torch._foreach_norm(self._float_params)).isfinite().all()
-
-    def _check_last_update(self) -> None:
-        """Stop if the last optimizer step left NaN or infinity in the weights (on any rank)."""
-        if self._update_check is None:
             return
-        step, finite = self._update_check
-        self._update_check = None
-        if self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
-            self._raise_nonfinite_weights(step)
-
-    def _raise_nonfinite_weights(self, step: int) -> None:
+        finite = torch.stack(torch._foreach_norm(self._float_params)).isfinite().all()
+        if not self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
+            return
         names = [n for n, p in self.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         where = ", ".join(names[:3]) if names else "on another rank"
         raise NonFiniteLossError(
-            f"the update of step {step} left NaN or infinity in the weights ({where}) although the loss "
-            "was finite; nothing of this step was saved. Resume with a lower optim.optimizer.lr from "
-            "ckpt_path=last, or from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
+            f"an update left NaN or infinity in the weights ({where}) by step {step}, although its loss was "
+            "finite; no checkpoint holds them. Resume with a lower optim.optimizer.lr from ckpt_path=last, or "
+            "from an earlier checkpoints/step*.ckpt if the last one's weights are already huge"
         )
 
     def _read_verdicts(self, wait: bool) -> None:
@@ -276,7 +271,6 @@ class LanguageModel(L.LightningModule):
         Without ``wait``, a verdict copied asynchronously is read once more than ``verdict_lag``
         steps are pending, by when its copy has long landed.
         """
-        self._check_last_update()
         while self._pending:
             verdict = self._pending[0]
             if verdict.ready is not None:
@@ -286,16 +280,15 @@ class LanguageModel(L.LightningModule):
                     return
                 verdict.ready.synchronize()
             self._pending.popleft()
-            skipped, weights_finite, *verdict.values = verdict.flags.tolist()
+            skipped, *verdict.values = verdict.flags.tolist()
             # The row of the step still ending (a checkpoint saved by its callbacks) waits for their
             # values (on_train_batch_end); a row is written before any stop, so a NaN step's is kept.
-            if verdict.row is not None and (verdict is not self._open_row or skipped or not weights_finite):
+            if verdict.row is not None and (verdict is not self._open_row or skipped):
                 self._write_row(verdict)
-            if not weights_finite:
-                # Every rank holds the same weights after the same update, so every rank stops here.
-                self._raise_nonfinite_weights(verdict.step)
             if not skipped:
                 continue
+            # Every rank skipped this step (found_inf is reduced over ranks), so every rank checks here.
+            self._check_weights(verdict.step)
             where = f"at step {verdict.step} (batch {verdict.batch_idx} of epoch {verdict.epoch})"
             if bool(verdict.loss_finite):
                 self._skip_or_stop(f"gradient norm is {float(verdict.grad_norm)} {where} (the loss was finite)")
@@ -314,10 +307,13 @@ class LanguageModel(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._read_verdicts(wait=True)  # before any file holding this step's weights is written
+        # Before any file holding this step's weights is written.
+        self._read_verdicts(wait=True)
+        self._check_weights(self.global_step)
 
     def on_train_end(self) -> None:
         self._read_verdicts(wait=True)  # the last steps'
+        self._check_weights(self.global_step)
 
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")

@@ -18,7 +18,7 @@ class StepVerdict:
     loss: torch.Tensor  # the step's loss; under gradient accumulation its first non-finite one
     loss_finite: torch.Tensor  # every loss of the step finite (bool)
     grad_norm: Optional[torch.Tensor] = None  # the total gradient norm
-    # (update skipped, weights finite after it, then the values of ``logged``), float32, on the host
+    # (update skipped, then the values of ``logged``), float32, on the host
     flags: Optional[torch.Tensor] = None
     ready: Optional[Any] = None  # an event recorded after the copy of ``flags``; None where it is synchronous
     # At a logging step: its row of metrics, written once the verdict is read. Host values, the

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from mgqa.lit.checkpoint import load_checkpoint, nonfinite_tensors
 from mgqa.lit.module import LanguageModel, NonFiniteLossError
 from mgqa.lit.run import train
 from tests.conftest import TINY, compose
@@ -131,6 +132,42 @@ def test_a_nan_step_read_late_still_stops_the_run_naming_it(tmp_path, monkeypatc
         train(compose(*RUN, f"run_dir={tmp_path}", "trainer.val_check_interval=8"))
     forwards = [step for kind, step in events if kind == "forward"]
     assert max(forwards) == 2 + LanguageModel.verdict_lag + 1  # read once lag + 1 verdicts are pending
+
+
+@pytest.mark.parametrize("poisoned_update, checkpoint_every, expected_checks, caught_by", [
+    (2, 50, [3], "the next step's NaN loss"),
+    (2, 1, [1, 2, 3], "the checkpoint after the update"),
+    (7, 50, [8], "the checkpoint at the end (the last update)"),
+])
+def test_weights_an_update_made_nonfinite_stop_the_run_before_any_checkpoint_holds_them(
+        tmp_path, monkeypatch, poisoned_update, checkpoint_every, expected_checks, caught_by):
+    # An update with a finite loss leaves a NaN in the weights (as a huge learning rate can). No step
+    # reads the weights for it: the next loss, each checkpoint and the end of training do.
+    real_step, checks = LanguageModel.optimizer_step, []
+    real_check = LanguageModel._check_weights
+
+    def poisoning_step(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        if self.global_step == poisoned_update:  # counted up once this hook returns
+            with torch.no_grad():
+                self.model.attn_layers.blocks[0].ff.w_out.weight[0, 0] = float("nan")
+
+    def recorded_check(self, step):
+        checks.append(step)
+        real_check(self, step)
+
+    monkeypatch.setattr(LanguageModel, "optimizer_step", poisoning_step)
+    monkeypatch.setattr(LanguageModel, "_check_weights", recorded_check)
+    message = rf"an update left NaN or infinity in the weights \(model\.attn_layers\.blocks\.0\.ff\.w_out\.weight\) by step {poisoned_update + 1},"
+    with pytest.raises(NonFiniteLossError, match=message):
+        train(compose(*RUN, f"run_dir={tmp_path}", "nonfinite_loss.action=skip", "trainer.val_check_interval=8",
+                      f"callbacks.latest_checkpoint.every_n_train_steps={checkpoint_every}"))
+    # Checked at each checkpoint and at the NaN loss, not after every update.
+    assert checks == expected_checks, caught_by
+    saved = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert bool(saved) == (checkpoint_every == 1)
+    for path in saved:
+        assert nonfinite_tensors(load_checkpoint(path)) == [], path
 
 
 def test_a_logging_step_waits_for_nothing_and_its_row_is_written_once_its_verdict_is_read(tmp_path, monkeypatch):
