@@ -19,6 +19,9 @@ log = logging.getLogger("mgqa")
 
 
 COMPILE_CHOICES = ("auto", True, False)
+# torch.compile's modes: "max-autotune*" also tunes Triton matrix-product templates against cuBLAS,
+# "reduce-overhead" and "max-autotune" replay each block as a CUDA graph.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,7 +37,8 @@ class LanguageModel(L.LightningModule):
 
     ``compile``: ``"auto"`` (on for CUDA, off elsewhere), ``True`` or ``False``: each decoder block
     is compiled with ``torch.compile`` in place (parameter names, and so checkpoints, unchanged).
-    The loss runs uncompiled in chunks of rows (``MGQATransformer.loss``).
+    The loss runs uncompiled in chunks of rows (``MGQATransformer.loss``). ``compile_mode`` is
+    ``torch.compile``'s ``mode`` for the blocks (``COMPILE_MODES``).
 
     ``nonfinite_loss``: ``{"action": "stop" | "skip", "max_skips": N}``. On a NaN/Inf loss, ``stop``
     raises ``NonFiniteLossError`` naming the step (no checkpoint is written, so the last good one
@@ -69,12 +73,15 @@ class LanguageModel(L.LightningModule):
         tokenizer: Optional[dict[str, Any]] = None,
         nonfinite_loss: Optional[dict[str, Any]] = None,
         compile: bool | str = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if compile not in COMPILE_CHOICES:
             raise ConfigError(f"compile must be auto, true or false, got {compile!r}")
-        self.compile_mode = compile
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
+        self.compile_choice, self.compile_options = compile, {} if compile_mode == "default" else {"mode": compile_mode}
         self.compiled = False
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
@@ -101,10 +108,14 @@ class LanguageModel(L.LightningModule):
         if self.compiled:
             return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
-        if self.compile_mode is True or (self.compile_mode == "auto" and on_cuda):
-            self.model.compile_blocks()
+        if self.compile_choice is True or (self.compile_choice == "auto" and on_cuda):
+            self.model.compile_blocks(**self.compile_options)
             self.compiled = True
-            log.info("torch.compile: %d decoder blocks (compiled on the first step)", len(self.model.attn_layers.blocks))
+            mode = f"mode {self.compile_options['mode']}, " if self.compile_options else ""
+            log.info("torch.compile: %d decoder blocks (%scompiled on the first step)", len(self.model.attn_layers.blocks), mode)
+        elif self.compile_options:
+            log.info("compile_mode=%s has no effect: compile=%s leaves the blocks uncompiled here",
+                     self.compile_options["mode"], self.compile_choice)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch  # (B, N), (B, N)

@@ -125,6 +125,7 @@ def build(
         tokenizer=datamodule.tokenizer.state(),
         nonfinite_loss=nonfinite,
         compile=cfg.get("compile", False),
+        compile_mode=cfg.get("compile_mode", "default"),
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)

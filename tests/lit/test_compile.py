@@ -51,3 +51,21 @@ def test_compiled_run_resumes_exactly(tmp_path):
     resumed = {int(r["step"]): r["train/loss"] for r in read_rows(tmp_path / "resumed" / "metrics.csv") if r["train/loss"]}
     assert sorted(resumed) == [3, 4, 5]
     assert {s: full[s] for s in resumed} == resumed  # the logged strings: bit for bit
+
+
+def test_compile_mode_reaches_every_block_and_a_bad_one_is_one_line(tmp_path, monkeypatch, caplog):
+    from mgqa.model import ConfigError, MGQATransformer
+
+    given = []
+    monkeypatch.setattr(MGQATransformer, "compile_blocks", lambda self, **options: given.append(options))
+    short = (*TINY, "trainer.max_steps=1", "trainer.val_check_interval=1", "sample.max_new_tokens=0")
+    with caplog.at_level("INFO", logger="mgqa"):
+        train(compose(*short, "compile=true", "compile_mode=max-autotune-no-cudagraphs", f"run_dir={tmp_path / 'a'}"))
+        train(compose(*short, "compile=true", f"run_dir={tmp_path / 'b'}"))
+        train(compose(*short, "compile_mode=reduce-overhead", f"run_dir={tmp_path / 'c'}"))  # auto: off on the CPU
+    assert given == [{"mode": "max-autotune-no-cudagraphs"}, {}]  # the default mode passes nothing
+    assert "torch.compile: 2 decoder blocks (mode max-autotune-no-cudagraphs, compiled on the first step)" in caplog.text
+    assert "compile_mode=reduce-overhead has no effect: compile=auto leaves the blocks uncompiled here" in caplog.text
+    with pytest.raises(ConfigError, match="compile_mode must be one of default, max-autotune-no-cudagraphs, "
+                                          "max-autotune, reduce-overhead; got 'fastest'"):
+        train(compose(*TINY, "compile_mode=fastest", f"run_dir={tmp_path / 'bad'}"))
