@@ -25,6 +25,9 @@ dense bf16 peak (Lightning's table: 989 TFLOP/s for an H100 SXM). `--train-py` a
 `--train-backends` and
 reads `train/tokens_per_s`, `train/mfu` and `train/peak_memory_gib` from its `metrics.csv`.
 
+`--compile-mode` is `torch.compile`'s mode for the compiled mgqa variants and the train.py runs
+(train.py's `compile_mode`); HF compiled keeps the default.
+
 Prints a Markdown table and writes JSON (`--out`). Run from the repository root (mgqa installed, or
 `PYTHONPATH=.`).
 """
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from mgqa.convert.hf_export import to_hf_llama
+from mgqa.lit.module import COMPILE_MODES
 from mgqa.lit.step_verdict import clipping_scale
 from mgqa.model import MGQATransformer, ModelConfig
 
@@ -117,7 +121,7 @@ def logits_parity(shape: dict[str, int]) -> float:
     return diff
 
 
-def build(impl: str, shape: dict[str, int]) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], MGQATransformer]:
+def build(impl: str, shape: dict[str, int], compile_mode: str = "default") -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], MGQATransformer]:
     """The module to optimize, its loss function, and the mgqa model it was built from (for FLOPs)."""
     backend = "triton" if impl.endswith("triton") else "sdpa"
     torch.manual_seed(0)
@@ -132,7 +136,7 @@ def build(impl: str, shape: dict[str, int]) -> tuple[torch.nn.Module, Callable[[
 
         return hf, hf_loss, model
     if "_compiled_" in impl:
-        model.compile_blocks()
+        model.compile_blocks(**({} if compile_mode == "default" else {"mode": compile_mode}))
     if impl.endswith("full_loss"):
         def full_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
@@ -158,9 +162,9 @@ def profile_steps(step: Callable[[], torch.Tensor], impl: str, out_dir: Path) ->
 
 def time_impl(
     impl: str, shape: dict[str, int], steps: int, warmup: int, peak_flops: float | None, profile_dir: Path | None = None,
-    clip: str = "kernel",
+    clip: str = "kernel", compile_mode: str = "default",
 ) -> dict[str, Any]:
-    module, loss_fn, reference = build(impl, shape)
+    module, loss_fn, reference = build(impl, shape, compile_mode)
     flops_per_token = reference.training_flops_per_token(shape["seq"])
     params = reference.num_parameters()
     if module is not reference:
@@ -259,7 +263,8 @@ def loss_memory(vocab: int, rows: int = 16384, dim: int = 2048, repeats: int = 1
     return rows_out
 
 
-def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, out_root: Path) -> dict[str, Any]:
+def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, out_root: Path,
+             compile_mode: str = "default") -> dict[str, Any]:
     """One `python train.py` run at the shape (compile on); throughput read from its metrics.csv."""
     run_name = f"bench_{shape_name}_{backend}"
     overrides = [
@@ -273,6 +278,7 @@ def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, o
         f"model.attn_backend={backend}",
         f"data.batch_size={shape['batch']}",
         "compile=true",
+        f"compile_mode={compile_mode}",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.limit_val_batches=2",
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-backends", default="auto,triton", help="model.attn_backend of the train.py runs")
     parser.add_argument("--clip", choices=("kernel", "separate"), default="kernel",
                         help="gradient clipping inside the fused AdamW kernel (as train.py) or by clip_grad_norm_ first")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile's mode for the compiled mgqa variants and train.py (its compile_mode)")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     parser.add_argument("--loss-vocabs", default="", help="also time the LM head + loss alone at these vocabularies")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = get_available_flops(device, torch.bfloat16)
     card = torch.cuda.get_device_name()
     results: dict[str, Any] = {"card": card, "torch": torch.__version__, "peak_bf16_flops": peak, "vocab": VOCAB,
-                               "clip": args.clip, "shapes": {}}
+                               "clip": args.clip, "compile_mode": args.compile_mode, "shapes": {}}
     results["sdpa_backend"] = sdpa_choice()
     print(f"SDPA's kernel for a causal GQA bf16 call at D=128: {results['sdpa_backend']}", flush=True)
     if args.loss_vocabs:
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             for impl in impls:
                 try:
                     profile_dir = Path(args.profile_dir) / name if impl in args.profile.split(",") else None
-                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip)
+                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip, args.compile_mode)
                 except Exception as err:  # one failing variant must not lose the others' numbers
                     row = {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
                     torch.cuda.empty_cache()
@@ -375,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_py or args.train_py_only:
             with tempfile.TemporaryDirectory() as tmp:
                 for backend in [b for b in args.train_backends.split(",") if b]:
-                    row = train_py(name, shape, backend, args.train_steps, Path(tmp))
+                    row = train_py(name, shape, backend, args.train_steps, Path(tmp), args.compile_mode)
                     entry["rows"].append(row)
                     print(f"[{name}] {json.dumps(row)}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\n{card}, torch {torch.__version__}, bf16 autocast, vocab {VOCAB}; MFU against {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    print(f"\n{card}, torch {torch.__version__}, bf16 autocast, vocab {VOCAB}, compile mode {args.compile_mode}; MFU against {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
     for name, entry in results["shapes"].items():
         s = entry["shape"]
         print(f"\n### {name}: dim {s['dim']}, depth {s['depth']}, {s['heads']}/{s['kv_heads']} heads, seq {s['seq']}, batch {s['batch']}")

@@ -19,6 +19,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script,args,expected", [
     ("train_throughput.py", ["--shapes", "1b,7b"], "unknown shape '7b'"),
     ("train_throughput.py", ["--impls", "mgqa_compiled_sdpa,hf_turbo"], "unknown implementation 'hf_turbo'"),
+    ("train_throughput.py", ["--compile-mode", "fastest"], "argument --compile-mode: invalid choice: 'fastest'"),
     ("kernel_bandwidth.py", ["--shape", "7b"], "unknown shape '7b'"),
     ("kernel_bandwidth.py", ["--impl", "hf_compiled"], "unknown or uncompiled implementation 'hf_compiled'"),
     ("kernel_bandwidth.py", ["--steps", "0"], "--steps (0) and --top (25) must be at least 1"),
