@@ -6,6 +6,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,7 +86,8 @@ class TrainingThroughput(ThroughputMonitor):
 
     - ``train/tokens_per_s``: tokens of all ranks per second;
     - ``train/mfu``: model FLOPs utilisation per device, from ``LanguageModel.flops_per_batch`` and
-      the device's peak dense rate in the training precision (where Lightning knows the device);
+      the device's peak dense rate in the training precision: ``peak_flops`` (FLOP/s) where given,
+      else Lightning's table of devices (none for CPUs or devices it does not list: no MFU then);
     - ``train/peak_memory_gib``: the most GPU memory allocated so far (CUDA only).
 
     Rates cover the last ``window_size`` - 1 logging intervals (``trainer.log_every_n_steps``
@@ -97,11 +99,15 @@ class TrainingThroughput(ThroughputMonitor):
     (compilation, autotuning) are left out, and their time is logged once.
     """
 
-    def __init__(self, window_size: int = 2, warmup_steps: int = 1) -> None:
+    def __init__(self, window_size: int = 2, warmup_steps: int = 1, peak_flops: Optional[float] = None) -> None:
         if window_size < 2:
             raise ValueError(f"window_size must be at least 2 logging steps, got {window_size}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
+                                       or not peak_flops > 0 or peak_flops == float("inf")):
+            raise ValueError(f"peak_flops must be a device's peak FLOP/s (a positive number, e.g. 989e12) or null, got {peak_flops!r}")
+        self.peak_flops = peak_flops
         super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)
         self.warmup_steps = warmup_steps
         self._steps = 0
@@ -109,13 +115,24 @@ class TrainingThroughput(ThroughputMonitor):
         self._counts = [0, 0, 0, 0]  # batches, windows, tokens since the clock started; FLOPs since the last mark
         self._fit_start = 0.0
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.peak_flops is None:
+            super().setup(trainer, pl_module, stage)
+            return
+        with warnings.catch_warnings():  # Lightning's "FLOPs not found" for a device it does not list
+            warnings.filterwarnings("ignore", message=".*FLOPs not found.*")
+            super().setup(trainer, pl_module, stage)
+        self.available_flops = self.peak_flops
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.peak_flops
+
     def _start_clock(self, trainer: L.Trainer) -> None:
         on_cuda = trainer.strategy.root_device.type == "cuda"
         self._clock = _TrainingClock(torch.cuda.Event if on_cuda else _HostEvent)
         self._counts = [0, 0, 0, 0]
         throughput = self._throughputs[RunningStage.TRAINING]
         throughput.reset()
-        throughput.update(time=0.0, batches=0, samples=0, lengths=0)
+        throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # so the first window has an MFU
 
     @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -98,3 +98,24 @@ def test_bf16_mixed_with_a_fused_optimizer_and_gradient_clipping(tmp_path):
     cfg = compose(*TINY, f"run_dir={tmp_path}", "trainer.precision=bf16-mixed", "optim.optimizer.fused=true", "trainer.gradient_clip_val=0.5")
     val_loss = train(cfg)
     assert val_loss is not None and val_loss < 5.5
+
+
+def test_peak_flops_gives_mfu_where_lightning_knows_no_peak(tmp_path):
+    # The CPU has no entry in Lightning's table of devices: without peak_flops, no MFU is logged.
+    from mgqa.lit.checkpoint import load_checkpoint
+    from mgqa.model import ConfigError, MGQATransformer, ModelConfig
+
+    short = (*TINY, "sample.max_new_tokens=0", "trainer.max_steps=4", "trainer.val_check_interval=4")
+    train(compose(*short, f"run_dir={tmp_path / 'table'}"))
+    assert not any(r.get("train/mfu") for r in read_rows(tmp_path / "table" / "metrics.csv"))
+    train(compose(*short, f"run_dir={tmp_path / 'given'}", "callbacks.throughput.peak_flops=2e9"))
+    timed = [r for r in read_rows(tmp_path / "given" / "metrics.csv") if r["train/tokens_per_s"]]
+    assert timed and all(r["train/mfu"] for r in timed)
+    state = load_checkpoint(tmp_path / "given" / "checkpoints" / "last.ckpt")
+    config = ModelConfig.from_dict(state["hyper_parameters"]["model"])
+    flops_per_token = MGQATransformer.from_config(config).training_flops_per_token(config.max_seq_len)
+    for r in timed:  # MFU = tokens/s x FLOPs per token / peak
+        assert float(r["train/mfu"]) == pytest.approx(float(r["train/tokens_per_s"]) * flops_per_token / 2e9, rel=1e-4)
+    for bad in ("-5", "0", "fast"):
+        with pytest.raises(ConfigError, match=rf"callbacks.throughput: peak_flops must be a device's peak FLOP/s .* got '?{bad}'?$"):
+            train(compose(*short, f"run_dir={tmp_path / 'bad'}", f"callbacks.throughput.peak_flops={bad}"))
