@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
 from mgqa.lit.evaluate import evaluate
+from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.validate import USER_ERRORS, user_message
 
 register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
@@ -29,4 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "evaluate")  # one line for a mistyped key or option, before Hydra's report
     main()

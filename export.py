@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mgqa.convert.hf_export import check_exportable, export_hf
 from mgqa.lit.config import register_configs
+from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.trained import load_trained
 from mgqa.lit.validate import USER_ERRORS, user_message
 from mgqa.model import ConfigError
@@ -36,4 +37,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "export")  # one line for a mistyped key or option, before Hydra's report
     main()

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
 from mgqa.lit.generate import generate
+from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.validate import USER_ERRORS, user_message
 
 register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
@@ -28,4 +29,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "generate")  # one line for a mistyped key or option, before Hydra's report
     main()

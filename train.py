@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 from mgqa.lit.config import register_configs
 from mgqa.lit.console import quiet_console
 from mgqa.lit.launch import job_scope
-from mgqa.lit.rundir import remove_if_empty
+from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.run import train
+from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.sweep import objective
 from mgqa.lit.validate import USER_ERRORS, user_message
 
@@ -38,4 +39,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "train")  # one line for a mistyped key or option, before Hydra's report
     main()

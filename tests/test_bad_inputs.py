@@ -106,6 +106,31 @@ def test_cli_bad_inputs_are_one_line_before_any_work_and_leave_disk_untouched(tm
     assert sorted(p.name for p in out.iterdir()) == ["kept"]  # no directory left by a refused launch
 
 
+@pytest.mark.slow
+def test_a_mistyped_key_or_option_is_one_line_naming_what_exists(tmp_path):
+    # Hydra's own report of these is several lines; each entry script names the override and the
+    # closest key, or the group's options, before any work.
+    out = f"output_root={tmp_path / 'outputs'}"
+    cases = [
+        (("train.py", out, "model.kv_head=2"), "train.py: model.kv_head is not an option: did you mean model.kv_heads?"),
+        (("train.py", out, "-m", "model.kv_heads=1,2", "trainer.max_step=3"),
+         "train.py: trainer.max_step is not an option: did you mean trainer.max_steps?"),
+        (("train.py", out, "model=gqa_1b"), "train.py: model=gqa_1b: no such option; choose from gqa_125m, gqa_350m, llama, seed"),
+        (("train.py", out, "~sample.nope"), "train.py: ~sample.nope: there is no sample.nope to remove"),
+        (("train.py", out, "model.dim==3"), "train.py: cannot parse 'model.dim==3': extraneous input '='"),
+        (("generate.py", "max_new_token=5"), "generate.py: max_new_token is not an option: did you mean max_new_tokens?"),
+        (("evaluate.py", "data=shakespear"), "evaluate.py: data=shakespear: no such option; choose from"),
+        (("export.py", "out_dirr=x"), "export.py: out_dirr is not an option: did you mean out_dir?"),
+    ]
+    running = [(subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE), fragment) for args, fragment in cases]
+    for proc, fragment in running:
+        code, output = finish(proc)
+        assert_one_error_line(code, output, fragment)
+        assert "HYDRA_FULL_ERROR" not in output
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

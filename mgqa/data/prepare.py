@@ -364,6 +364,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    from mgqa.lit.overrides import check_overrides  # noqa: PLC0415
+
+    refused = check_overrides(CONF, "prepare", argv)
+    if refused is not None:
+        raise SystemExit(f"error: {refused}")
     try:
         cfg = compose_config(argv)
         prepare(cfg)

@@ -83,7 +83,7 @@ def test_cli_run_writes_metrics_and_checkpoint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
-    [("model.kv_heads=3", "model.kv_heads (3) must divide model.heads (8)"), ("model=gpt9", "model/gpt9")],
+    [("model.kv_heads=3", "model.kv_heads (3) must divide model.heads (8)"), ("model=gpt9", "error: train.py: model=gpt9: no such option; choose from gqa_125m")],
 )
 def test_cli_bad_config_exits_with_the_message(tmp_path, override, message):
     cmd = [sys.executable, "train.py", override, "run_name=bad", f"output_root={tmp_path}"]
