@@ -1,7 +1,7 @@
 """Command-line overrides that Hydra would refuse, named in one line with the names that do exist.
 
 Hydra reports a mistyped key (``model.kv_head=2``), an unknown option of a group (``model=gqa_1b``)
-or an override it cannot parse in several lines, ending with advice about ``HYDRA_FULL_ERROR``.
+or an override it cannot parse, or a value of the wrong type for a typed field, in several lines, ending with advice about ``HYDRA_FULL_ERROR``.
 The entry scripts compose their config with the command line's overrides before Hydra runs, and
 turn such a refusal into one ``error:`` line: the override, and the closest existing key or the
 group's options. Anything else is left to Hydra.
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
+_NOT_MERGEABLE = re.compile(r"Error merging override (.+)$")
 _NOT_DELETABLE = re.compile(r"Could not delete from config\. '([^']+)' does not exist")
 
 
@@ -93,6 +94,9 @@ def composition_error(err: BaseException, known_keys: Sequence[str] = (), args: 
         # Under an open section (trainer.*, callbacks.*) a new key can be meant: Hydra adds it with +.
         adds = f" (+{key}=... adds it to {parent})" if parent and parent in known_keys else ""
         return f"{key} is not an option{adds}"
+    match = _NOT_MERGEABLE.match(message)
+    if match and err.__cause__ is not None:  # a value of the wrong type for a typed field (model.*)
+        return f"{match[1]}: {str(err.__cause__).splitlines()[0]}"
     match = _NOT_DELETABLE.match(message)
     if match:
         return f"~{match[1]}: there is no {match[1]} to remove"

@@ -51,6 +51,7 @@ def test_valid_command_lines_and_hydra_flags_pass(args):
     (["-m", "model.kv_heads=1,2", "modle.dim=64"], "modle.dim is not an option: did you mean model.dim?"),
     (["optim=sgd"], "optim=sgd: no such option; choose from adamw"),
     (["~model.nope"], "~model.nope: there is no model.nope to remove"),
+    (["model.dim=abc"], "model.dim=abc: Value 'abc' of type 'str' could not be converted to Integer"),
 ])
 def test_refusals_name_the_override_and_what_exists(args, message):
     with pytest.raises(SystemExit) as exc:
