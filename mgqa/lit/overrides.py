@@ -1,7 +1,8 @@
 """Command-line overrides that Hydra would refuse, named in one line with the names that do exist.
 
-Hydra reports a mistyped key (``model.kv_head=2``), an unknown option of a group (``model=gqa_1b``)
-or an override it cannot parse, or a value of the wrong type for a typed field, in several lines, ending with advice about ``HYDRA_FULL_ERROR``.
+Hydra reports a mistyped key (``model.kv_head=2``), an unknown option of a group (``model=gqa_1b``),
+an override it cannot parse and a value of the wrong type for a typed field (``model.dim=abc``) in
+several lines, ending with advice about ``HYDRA_FULL_ERROR``.
 The entry scripts compose their config with the command line's overrides before Hydra runs, and
 turn such a refusal into one ``error:`` line: the override, and the closest existing key or the
 group's options. Anything else is left to Hydra.
