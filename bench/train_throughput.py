@@ -136,7 +136,7 @@ def build(impl: str, shape: dict[str, int], compile_mode: str = "default") -> tu
 
         return hf, hf_loss, model
     if "_compiled_" in impl:
-        model.compile_blocks(**({} if compile_mode == "default" else {"mode": compile_mode}))
+        model.compile_blocks(mode=compile_mode)
     if impl.endswith("full_loss"):
         def full_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())

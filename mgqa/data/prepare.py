@@ -350,13 +350,9 @@ def _run(tasks, pool, tokenizer, dtype: str, num_proc: int):
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     """``conf/prepare.yaml`` with ``overrides`` (``data=<config>``, ``out=<dir>``, ...)."""
-    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    from mgqa.lit.overrides import compose_config as compose  # noqa: PLC0415
 
-    from mgqa.lit.config import register_configs  # noqa: PLC0415 (the ${mgqa.repo_root:} resolver of conf/paths/)
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="prepare", overrides=list(overrides))
+    return compose(CONF, "prepare", overrides)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

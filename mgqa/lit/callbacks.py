@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -104,8 +105,8 @@ class TrainingThroughput(ThroughputMonitor):
             raise ValueError(f"window_size must be at least 2 logging steps, got {window_size}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
-                                       or not peak_flops > 0 or peak_flops == float("inf")):
+        number = isinstance(peak_flops, (int, float)) and not isinstance(peak_flops, bool)
+        if peak_flops is not None and not (number and math.isfinite(peak_flops) and peak_flops > 0):
             raise ValueError(f"peak_flops must be a device's peak FLOP/s (a positive number, e.g. 989e12) or null, got {peak_flops!r}")
         self.peak_flops = peak_flops
         super().__init__(batch_size_fn=_windows_in_batch, length_fn=_tokens_in_batch, window_size=window_size)

@@ -81,7 +81,7 @@ class LanguageModel(L.LightningModule):
             raise ConfigError(f"compile must be auto, true or false, got {compile!r}")
         if compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {compile_mode!r}")
-        self.compile_choice, self.compile_options = compile, {} if compile_mode == "default" else {"mode": compile_mode}
+        self.compile_choice, self.compile_mode = compile, compile_mode
         self.compiled = False
         self.model_config = ModelConfig.from_dict(dict(model))
         self.model = MGQATransformer.from_config(self.model_config)
@@ -109,13 +109,13 @@ class LanguageModel(L.LightningModule):
             return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if self.compile_choice is True or (self.compile_choice == "auto" and on_cuda):
-            self.model.compile_blocks(**self.compile_options)
+            self.model.compile_blocks(mode=self.compile_mode)
             self.compiled = True
-            mode = f"mode {self.compile_options['mode']}, " if self.compile_options else ""
+            mode = "" if self.compile_mode == "default" else f"mode {self.compile_mode}, "
             log.info("torch.compile: %d decoder blocks (%scompiled on the first step)", len(self.model.attn_layers.blocks), mode)
-        elif self.compile_options:
+        elif self.compile_mode != "default":
             log.info("compile_mode=%s has no effect: compile=%s leaves the blocks uncompiled here",
-                     self.compile_options["mode"], self.compile_choice)
+                     self.compile_mode, self.compile_choice)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch  # (B, N), (B, N)
@@ -317,14 +317,16 @@ class LanguageModel(L.LightningModule):
             "resume with ckpt_path=last (perhaps with a lower optim.optimizer.lr), or set nonfinite_loss.action=skip"
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Before any file holding this step's weights is written.
+    def _settle(self) -> None:
+        """Act on every pending verdict, then check the weights: what stands now is finite."""
         self._read_verdicts(wait=True)
         self._check_weights(self.global_step)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._settle()  # before any file holding this step's weights is written
+
     def on_train_end(self) -> None:
-        self._read_verdicts(wait=True)  # the last steps'
-        self._check_weights(self.global_step)
+        self._settle()  # the last steps'
 
     def _on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
         self._skip_or_stop(f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})")

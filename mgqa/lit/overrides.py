@@ -24,14 +24,18 @@ _NOT_MERGEABLE = re.compile(r"Error merging override (.+)$")
 _NOT_DELETABLE = re.compile(r"Could not delete from config\. '([^']+)' does not exist")
 
 
-def _compose(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
+def compose_config(
+    config_dir: Path, config_name: str, overrides: Sequence[str], hydra_node: bool = False
+) -> DictConfig:
+    """``config_name`` from ``config_dir`` with ``overrides``, as Hydra composes it (with its own
+    ``hydra`` node where ``hydra_node``), the repository's resolvers registered."""
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
     from mgqa.lit.config import register_configs  # noqa: PLC0415 (the ${mgqa.repo_root:} resolver)
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 def _one_value_each(args: Sequence[str]) -> Optional[list[str]]:
@@ -110,7 +114,7 @@ def check_overrides(config_dir: Path, config_name: str, args: Sequence[str]) -> 
     fails for another reason, which Hydra then reports)."""
     lines = _one_value_each(args) or list(args)
     try:
-        _compose(config_dir, config_name, lines)
+        compose_config(config_dir, config_name, lines, hydra_node=True)
         return None
     except Exception as err:  # noqa: BLE001 (only Hydra's refusals are reported here)
         failure = err
@@ -119,7 +123,8 @@ def check_overrides(config_dir: Path, config_name: str, args: Sequence[str]) -> 
     if match:  # the keys of the config composed without the refused override, for a suggestion
         rest = [line for line in lines if line.lstrip("+~").split("=", 1)[0] != match[1]]
         try:
-            known = _keys(OmegaConf.to_container(_compose(config_dir, config_name, rest), resolve=False))
+            rest_cfg = compose_config(config_dir, config_name, rest, hydra_node=True)
+            known = _keys(OmegaConf.to_container(rest_cfg, resolve=False))
         except Exception:  # noqa: BLE001 (no suggestion then)
             known = []
     return composition_error(failure, known, lines)

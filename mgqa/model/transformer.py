@@ -79,15 +79,16 @@ class MGQATransformer(nn.Module):
                 total -= self.pos_emb.weight.numel()
         return total
 
-    def compile_blocks(self, **options: Any) -> None:
-        """``torch.compile`` each decoder block in place (parameter names unchanged).
+    def compile_blocks(self, mode: str = "default", **options: Any) -> None:
+        """``torch.compile`` each decoder block in place (parameter names unchanged), in ``mode``
+        (``torch.compile``'s: default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead).
 
         Per block, as torchtitan does: the blocks share one graph, so compiling costs one block's
         time whatever the depth, and per-block FSDP wrapping and activation checkpointing compose
         with it. The embedding and the chunked loss stay uncompiled.
         """
         for block in self.attn_layers.blocks:
-            block.compile(**options)
+            block.compile(mode=mode, **options)
 
     def training_flops_per_token(self, seq_len: int) -> int:
         """Matrix FLOPs of one trained token (forward and backward) at context ``seq_len``.

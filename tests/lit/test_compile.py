@@ -63,7 +63,7 @@ def test_compile_mode_reaches_every_block_and_a_bad_one_is_one_line(tmp_path, mo
         train(compose(*short, "compile=true", "compile_mode=max-autotune-no-cudagraphs", f"run_dir={tmp_path / 'a'}"))
         train(compose(*short, "compile=true", f"run_dir={tmp_path / 'b'}"))
         train(compose(*short, "compile_mode=reduce-overhead", f"run_dir={tmp_path / 'c'}"))  # auto: off on the CPU
-    assert given == [{"mode": "max-autotune-no-cudagraphs"}, {}]  # the default mode passes nothing
+    assert given == [{"mode": "max-autotune-no-cudagraphs"}, {"mode": "default"}]
     assert "torch.compile: 2 decoder blocks (mode max-autotune-no-cudagraphs, compiled on the first step)" in caplog.text
     assert "compile_mode=reduce-overhead has no effect: compile=auto leaves the blocks uncompiled here" in caplog.text
     with pytest.raises(ConfigError, match="compile_mode must be one of default, max-autotune-no-cudagraphs, "
