@@ -15,6 +15,10 @@ JSON (`--out`). A kernel well below the
 bandwidth with a large share of the step is where a hand-written kernel could beat compile. The
 profiler times each kernel in isolation, so the step is slower than in `train_throughput.py`; only
 the per-kernel figures mean anything here.
+
+`--code-dir DIR` also writes the Triton source of each kernel in the printed table to
+`DIR/<kernel>.py`, headed by Inductor's comment naming the model's operations it fuses: what to read
+before deciding why a kernel runs below the bandwidth.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ from typing import Any
 
 # One kernel call in Inductor's output file: "<ms>ms <GB> GB <GB/s>GB/s <share>% <kernel name>".
 _CALL = re.compile(r"^\s*([0-9.]+)ms\s+([0-9.]+) GB\s+([0-9.]+)GB/s\s+([0-9.]+)%\s+(\S+)\s*$")
+# One kernel in a graph's generated module: Inductor's comment lines, then
+# "<name> = async_compile.triton('<name>', '''<source>''', device_str='cuda')".
+_KERNEL = re.compile(
+    r"((?:^(?:#[^\n]*)?\n)*)^(\w+) = async_compile\.triton\('\2', '''\n(.*?)\n''', device_str='\w+'\)",
+    re.MULTILINE | re.DOTALL,
+)
 
 
 def parse_profile(text: str, steps: int, bandwidth_gbps: float | None = None) -> list[dict[str, Any]]:
@@ -57,6 +67,24 @@ def parse_profile(text: str, steps: int, bandwidth_gbps: float | None = None) ->
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
+def kernel_sources(text: str) -> dict[str, str]:
+    """Each Triton kernel defined in a generated module's text: name -> its comment and source."""
+    return {match[2]: match[1].strip("\n") + "\n" + match[3] + "\n" for match in _KERNEL.finditer(text)}
+
+
+def write_sources(cache_dir: Path, names: list[str], code_dir: Path) -> list[str]:
+    """Writes ``code_dir/<name>.py`` for each of ``names`` defined in a module under ``cache_dir``;
+    returns the names written."""
+    found: dict[str, str] = {}
+    for module in sorted(cache_dir.rglob("*.py")):
+        found.update(kernel_sources(module.read_text(errors="replace")))
+    code_dir.mkdir(parents=True, exist_ok=True)
+    written = [name for name in names if name in found]
+    for name in written:
+        (code_dir / f"{name}.py").write_text(found[name])
+    return written
+
+
 def table(rows: list[dict[str, Any]], top: int) -> str:
     total = sum(r["ms_per_step"] for r in rows)
     lines = ["| kernel | calls a step | ms a step | share of Inductor's time | GB a step | GB/s | of copy bandwidth |",
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps profiled (after one to compile)")
     parser.add_argument("--top", type=int, default=25, help="kernels in the printed table")
     parser.add_argument("--out", default="", help="JSON path (default bench/results/kernel_bandwidth_<shape>.json)")
+    parser.add_argument("--code-dir", default="", help="also write the Triton source of the table's kernels here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.top < 1:
         parser.error(f"--steps ({args.steps}) and --top ({args.top}) must be at least 1")
@@ -85,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         # Read when Inductor's config is first imported: before torch is.
         os.environ["TORCHINDUCTOR_PROFILE"] = "1"
         os.environ["TORCHINDUCTOR_PROFILE_OUTPUT"] = str(profile)
+        # A fresh cache: every graph is compiled here, so its generated module is under it.
+        cache_dir = Path(tmp) / "inductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         import torch  # noqa: PLC0415
         import torch._inductor.config as inductor_config  # noqa: PLC0415
         import train_throughput as tt  # noqa: PLC0415
@@ -106,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = tt.SHAPES[args.shape]
         tt.time_impl(args.impl, shape, args.steps, 1, None)
         text = profile.read_text() if profile.is_file() else ""
+        bandwidth = copy_bandwidth_gbs(torch.device("cuda"))  # the card's practical ceiling, measured
+        rows = parse_profile(text, args.steps + 1, bandwidth)  # time_impl's first step, then its timed ones
+        shown = [r["kernel"] for r in rows[: args.top]]
+        written = write_sources(cache_dir, shown, Path(args.code_dir)) if args.code_dir else []
     card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth_gbs(torch.device("cuda"))  # the card's practical ceiling, measured
-    rows = parse_profile(text, args.steps + 1, bandwidth)  # time_impl's first step, then its timed ones
     if not rows:
         print("error: Inductor's profiler wrote no kernel timings (is this impl compiled?)", file=sys.stderr)
         return 1
@@ -121,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
           f"each timed alone; device-to-device copy {bandwidth:,.0f} GB/s")
     print(table(rows, args.top))
     print(f"\nwrote {out}")
+    if args.code_dir:
+        missing = sorted(set(shown) - set(written))
+        print(f"wrote the source of {len(written)} kernels to {args.code_dir}"
+              + (f"; not found in Inductor's modules: {', '.join(missing)}" if missing else ""))
     return 0
 
 

@@ -46,3 +46,50 @@ def test_without_a_bandwidth_there_is_no_share():
     rows = kb.parse_profile(section([(0.1, 0.1, "triton_poi_fused_add_0")]), steps=1)
     assert "bandwidth_share" not in rows[0]
     assert "| - |" in kb.table(rows, top=5)
+
+
+def generated_module(kernels: dict[str, str], detailed: bool) -> str:
+    """A graph's generated module holding these Triton kernels, written as Inductor writes them
+    (TritonScheduling.define_kernel into PythonWrapperCodegen._format_kernel_definition)."""
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    from torch._inductor.utils import IndentedBuffer
+
+    text = "from torch._inductor.async_compile import AsyncCompile\nasync_compile = AsyncCompile()\n"
+    for name, source in kernels.items():
+        body = IndentedBuffer()
+        body.writeline(f"async_compile.triton({name!r}, '''")
+        body.splice(source, strip=True)
+        body.writeline("''', device_str='cuda')")
+        metadata = (f"# kernel path: /tmp/cache/xy/{name}.py\n"
+                    "# Topologically Sorted Source Nodes: [rms_norm], Original ATen: [aten.mul]")
+        metadata += "\n# Source node to ATen node mapping:\n#   rms_norm => mul\n" if detailed else "\n"
+        text += PythonWrapperCodegen._format_kernel_definition(name, body.getvalue(), metadata)
+    return text + "\n\nasync_compile.wait(globals())\n"
+
+
+def test_kernel_sources_are_read_from_generated_modules_with_their_origin_comment(tmp_path):
+    norm = "import triton\n\n@triton.jit\ndef triton_per_fused_norm_6(in_ptr0, out_ptr0):\n    x = tl.load(in_ptr0)\n"
+    rotary = "import triton\n\n@triton.jit\ndef triton_poi_fused_rotary_5(in_ptr0):\n    pass\n"
+    first = generated_module({"triton_per_fused_norm_6": norm}, detailed=True)
+    second = generated_module({"triton_poi_fused_rotary_5": rotary, "triton_poi_fused_add_9": rotary}, detailed=False)
+
+    sources = kb.kernel_sources(first + second)
+    assert list(sources) == ["triton_per_fused_norm_6", "triton_poi_fused_rotary_5", "triton_poi_fused_add_9"]
+    assert sources["triton_per_fused_norm_6"].startswith("# kernel path: /tmp/cache/xy/triton_per_fused_norm_6.py\n")
+    assert "#   rms_norm => mul\n" in sources["triton_per_fused_norm_6"]
+    assert sources["triton_per_fused_norm_6"].endswith(norm.strip() + "\n")
+    assert "def triton_poi_fused_rotary_5(in_ptr0)" in sources["triton_poi_fused_rotary_5"]
+    assert "async_compile" not in "".join(sources.values())
+
+    cache = tmp_path / "inductor"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "graph_fwd.py").write_text(first)
+    (cache / "cd" / "ef").mkdir(parents=True)
+    (cache / "cd" / "ef" / "graph_bwd.py").write_text(second)
+    (cache / "ab" / "kernel_alone.py").write_text(norm)  # a kernel's own file holds no definition line
+    wanted = ["triton_poi_fused_rotary_5", "triton_per_fused_norm_6", "triton_red_fused_missing_0"]
+    written = kb.write_sources(cache, wanted, tmp_path / "code")
+    assert written == ["triton_poi_fused_rotary_5", "triton_per_fused_norm_6"]
+    files = sorted(p.name for p in (tmp_path / "code").iterdir())
+    assert files == ["triton_per_fused_norm_6.py", "triton_poi_fused_rotary_5.py"]
+    assert (tmp_path / "code" / "triton_per_fused_norm_6.py").read_text() == sources["triton_per_fused_norm_6"]
