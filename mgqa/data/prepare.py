@@ -360,20 +360,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    from mgqa.lit.overrides import check_overrides  # noqa: PLC0415
-
-    refused = check_overrides(CONF, "prepare", argv)
-    if refused is not None:
-        raise SystemExit(f"error: {refused}")
     try:
         cfg = compose_config(argv)
+    except Exception as err:  # Hydra refused an override: one line naming it and what exists instead
+        if not type(err).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        from mgqa.lit.overrides import check_overrides  # noqa: PLC0415
+
+        raise SystemExit(f"error: {check_overrides(CONF, 'prepare', argv) or err}") from None
+    try:
         prepare(cfg)
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to continue in {cfg.out}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # a bad value or path, an unreachable hub
         raise SystemExit(f"error: {err}") from None
-    except Exception as err:  # Hydra's override and composition errors
+    except Exception as err:  # an interpolation the config cannot resolve, read while preparing
         if type(err).__module__.startswith(("hydra", "omegaconf")):
             raise SystemExit(f"error: {err}") from None
         raise
