@@ -18,7 +18,9 @@ the per-kernel figures mean anything here.
 
 `--code-dir DIR` also writes the Triton source of each kernel in the printed table to
 `DIR/<kernel>.py`, headed by Inductor's comment naming the model's operations it fuses: what to read
-before deciding why a kernel runs below the bandwidth.
+before deciding why a kernel runs below the bandwidth. `--inductor KEY=VALUE,...` compiles under
+those settings of `torch._inductor.config` (as in `bench/train_throughput.py`), to see what a
+setting does to one kernel.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="kernels in the printed table")
     parser.add_argument("--out", default="", help="JSON path (default bench/results/kernel_bandwidth_<shape>.json)")
     parser.add_argument("--code-dir", default="", help="also write the Triton source of the table's kernels here")
+    parser.add_argument("--inductor", default="default", metavar="SETTINGS",
+                        help="KEY=VALUE,... of torch._inductor.config to compile under (default: its defaults)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.top < 1:
         parser.error(f"--steps ({args.steps}) and --top ({args.top}) must be at least 1")
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.impl not in tt.IMPLS or "_compiled_" not in args.impl or not args.impl.startswith("mgqa"):
             compiled = [i for i in tt.IMPLS if i.startswith("mgqa") and "_compiled_" in i]
             parser.error(f"unknown or uncompiled implementation {args.impl!r}; choose from {compiled}")
+        try:
+            settings = tt.inductor_settings(args.inductor)
+        except ValueError as err:
+            parser.error(f"--inductor: {err}")
         if not torch.cuda.is_available():
             print("error: bench/kernel_bandwidth.py needs a CUDA GPU", file=sys.stderr)
             return 2
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         inductor_config.benchmark_harness = False
         torch.backends.cuda.matmul.allow_tf32 = True
         shape = tt.SHAPES[args.shape]
-        tt.time_impl(args.impl, shape, args.steps, 1, None)
+        with inductor_config.patch(settings):
+            tt.time_impl(args.impl, shape, args.steps, 1, None)
         text = profile.read_text() if profile.is_file() else ""
         bandwidth = copy_bandwidth_gbs(torch.device("cuda"))  # the card's practical ceiling, measured
         rows = parse_profile(text, args.steps + 1, bandwidth)  # time_impl's first step, then its timed ones
@@ -149,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"bench/results/kernel_bandwidth_{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"card": card, "torch": torch.__version__, "copy_bandwidth_gbps": bandwidth, "shape": shape, "impl": args.impl,
-              "kernels": rows}
+              "inductor": settings, "kernels": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{card}, torch {torch.__version__}, {args.impl} at {args.shape}: Inductor's kernels a step, "
-          f"each timed alone; device-to-device copy {bandwidth:,.0f} GB/s")
+    print(f"{card}, torch {torch.__version__}, {args.impl} at {args.shape}"
+          + (f" (Inductor: {args.inductor})" if settings else "")
+          + f": Inductor's kernels a step, each timed alone; device-to-device copy {bandwidth:,.0f} GB/s")
     print(table(rows, args.top))
     print(f"\nwrote {out}")
     if args.code_dir:

@@ -28,6 +28,12 @@ reads `train/tokens_per_s`, `train/mfu` and `train/peak_memory_gib` from its `me
 `--compile-mode` is `torch.compile`'s mode for the compiled mgqa variants and the train.py runs
 (train.py's `compile_mode`); HF compiled keeps the default.
 
+`--inductor SETTINGS` (repeatable) compares Inductor settings in one process: each occurrence,
+`default` or comma-separated `KEY=VALUE` of `torch._inductor.config` (dotted keys, e.g.
+`triton.persistent_reductions=False`), runs every compiled variant once more with those settings,
+its row labelled with them. `--rounds N` repeats the whole list N times in the same order, so
+variants alternate rather than run back to back. The train.py runs keep the default settings.
+
 Prints a Markdown table and writes JSON (`--out`). Run from the repository root (mgqa installed, or
 `PYTHONPATH=.`).
 """
@@ -35,6 +41,7 @@ Prints a Markdown table and writes JSON (`--out`). Run from the repository root 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import gc
 import json
@@ -77,6 +84,38 @@ IMPLS = (
 
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def inductor_settings(text: str) -> dict[str, Any]:
+    """`default`, or comma-separated `KEY=VALUE` of `torch._inductor.config` -> a patch for `config.patch`.
+
+    A key must name one of its settings; the value is read as a Python literal (a bare word stays
+    a string) and must have the setting's type: a boolean setting takes True/False or 1/0."""
+    if text.strip() == "default":
+        return {}
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    known = inductor_config.get_config_copy()
+    patch: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"{item.strip()!r}: expected KEY=VALUE")
+        if key not in known:
+            raise ValueError(f"{key!r} is not a setting of torch._inductor.config")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        default = known[key]
+        if isinstance(default, bool):
+            if value not in (True, False) or isinstance(value, float):
+                raise ValueError(f"{key}={raw}: expected True/False or 1/0")
+            value = bool(value)
+        elif isinstance(default, int) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{key}={raw}: expected an integer")
+        patch[key] = value
+    return patch
 
 
 def sdpa_choice() -> str:
@@ -315,6 +354,25 @@ def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, o
     return row
 
 
+def run_variant(impl: str, shape: dict[str, int], args: argparse.Namespace, peak: float | None,
+                inductor_patch: dict[str, Any]) -> dict[str, Any]:
+    """One timed variant under the given Inductor settings; a failure becomes a row naming it."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    try:
+        profile_dir = Path(args.profile_dir) / shape_name(shape) if impl in args.profile.split(",") else None
+        torch._dynamo.reset()  # compile afresh: settings are part of what a compiled graph was built with
+        with inductor_config.patch(inductor_patch):
+            return time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip, args.compile_mode)
+    except Exception as err:  # one failing variant must not lose the others' numbers
+        torch.cuda.empty_cache()
+        return {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def shape_name(shape: dict[str, int]) -> str:
+    return next(name for name, s in SHAPES.items() if s == shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1b,125m", help=f"comma-separated, of {list(SHAPES)}")
@@ -329,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="gradient clipping inside the fused AdamW kernel (as train.py) or by clip_grad_norm_ first")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile's mode for the compiled mgqa variants and train.py (its compile_mode)")
+    parser.add_argument("--inductor", action="append", default=None, metavar="SETTINGS",
+                        help="repeatable: `default` or KEY=VALUE,... of torch._inductor.config; each runs the "
+                             "compiled variants once more, labelled")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the variants, in order, this many times")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     parser.add_argument("--loss-vocabs", default="", help="also time the LM head + loss alone at these vocabularies")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (3 steps) after timing")
@@ -348,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--loss-vocabs {args.loss_vocabs!r}: expected comma-separated integers")
     if args.steps < 1 or args.warmup < 1:
         parser.error(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be at least 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds ({args.rounds}) must be at least 1")
+    settings_list = args.inductor or ["default"]
+    try:
+        inductor_patches = [(text, inductor_settings(text)) for text in settings_list]
+    except ValueError as err:
+        parser.error(f"--inductor: {err}")
     if not torch.cuda.is_available():
         print("error: bench/train_throughput.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -371,15 +440,16 @@ def main(argv: list[str] | None = None) -> int:
             if any(i.startswith("hf") for i in impls):
                 entry["hf_logits_max_abs_diff_fp32"] = logits_parity(shape)
                 print(f"[{name}] HF logits parity (fp32, 2 layers): max |diff| {entry['hf_logits_max_abs_diff_fp32']:.2e}", flush=True)
-            for impl in impls:
-                try:
-                    profile_dir = Path(args.profile_dir) / name if impl in args.profile.split(",") else None
-                    row = time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip, args.compile_mode)
-                except Exception as err:  # one failing variant must not lose the others' numbers
-                    row = {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
-                    torch.cuda.empty_cache()
-                entry["rows"].append(row)
-                print(f"[{name}] {json.dumps(row)}", flush=True)
+            for _ in range(args.rounds):
+                for impl in impls:
+                    # Inductor's settings reach only compiled variants; an eager one runs once a round.
+                    patches = inductor_patches if "compiled" in impl else inductor_patches[:1]
+                    for label, patch in patches:
+                        row = run_variant(impl, shape, args, peak, patch)
+                        if args.inductor:
+                            row["inductor"] = label
+                        entry["rows"].append(row)
+                        print(f"[{name}] {json.dumps(row)}", flush=True)
         if args.train_py or args.train_py_only:
             with tempfile.TemporaryDirectory() as tmp:
                 for backend in [b for b in args.train_backends.split(",") if b]:
@@ -397,14 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         print("| variant | tokens/s | MFU | peak GiB | first step s | x HF compiled |")
         print("|---|---|---|---|---|---|")
         for r in entry["rows"]:
+            label = f"{r['impl']} [{r['inductor']}]" if "inductor" in r else r["impl"]
             if r.get("tokens_per_s") is None:
-                print(f"| {r['impl']} | failed: {r.get('error', '')[:80]!r} | | | | |")
+                print(f"| {label} | failed: {r.get('error', '')[:80]!r} | | | | |")
                 continue
             ratio = f"{r['tokens_per_s'] / hf_compiled:.2f}" if hf_compiled else "-"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
             first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
-            print(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {first} | {ratio} |")
+            print(f"| {label} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {first} | {ratio} |")
     if results.get("loss"):
         print("\n### LM head + loss alone: 16384 rows of 2048, forward and backward, bf16 autocast")
         print("| vocab | variant | ms | peak extra GiB |")

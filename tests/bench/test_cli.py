@@ -23,6 +23,8 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("kernel_bandwidth.py", ["--shape", "7b"], "unknown shape '7b'"),
     ("kernel_bandwidth.py", ["--impl", "hf_compiled"], "unknown or uncompiled implementation 'hf_compiled'"),
     ("kernel_bandwidth.py", ["--steps", "0"], "--steps (0) and --top (25) must be at least 1"),
+    ("kernel_bandwidth.py", ["--inductor", "triton.persistent_reductions=maybe"],
+     "--inductor: triton.persistent_reductions=maybe: expected True/False or 1/0"),
 ])
 def test_bad_arguments_are_usage_errors(script, args, expected):
     proc = run(script, *args)
