@@ -354,23 +354,20 @@ def train_py(shape_name: str, shape: dict[str, int], backend: str, steps: int, o
     return row
 
 
-def run_variant(impl: str, shape: dict[str, int], args: argparse.Namespace, peak: float | None,
+def run_variant(impl: str, shape_name: str, args: argparse.Namespace, peak: float | None,
                 inductor_patch: dict[str, Any]) -> dict[str, Any]:
     """One timed variant under the given Inductor settings; a failure becomes a row naming it."""
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     try:
-        profile_dir = Path(args.profile_dir) / shape_name(shape) if impl in args.profile.split(",") else None
+        profile_dir = Path(args.profile_dir) / shape_name if impl in args.profile.split(",") else None
         torch._dynamo.reset()  # compile afresh: settings are part of what a compiled graph was built with
         with inductor_config.patch(inductor_patch):
-            return time_impl(impl, shape, args.steps, args.warmup, peak, profile_dir, args.clip, args.compile_mode)
+            return time_impl(impl, SHAPES[shape_name], args.steps, args.warmup, peak, profile_dir, args.clip,
+                             args.compile_mode)
     except Exception as err:  # one failing variant must not lose the others' numbers
         torch.cuda.empty_cache()
         return {"impl": impl, "error": f"{type(err).__name__}: {err}"[:2000]}
-
-
-def shape_name(shape: dict[str, int]) -> str:
-    return next(name for name, s in SHAPES.items() if s == shape)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Inductor's settings reach only compiled variants; an eager one runs once a round.
                     patches = inductor_patches if "compiled" in impl else inductor_patches[:1]
                     for label, patch in patches:
-                        row = run_variant(impl, shape, args, peak, patch)
+                        row = run_variant(impl, name, args, peak, patch)
                         if args.inductor:
                             row["inductor"] = label
                         entry["rows"].append(row)

@@ -57,9 +57,9 @@ def test_each_variant_runs_under_its_settings_and_a_failure_becomes_a_row(monkey
     monkeypatch.setattr(tt, "time_impl", fake_time_impl)
     args = tt.argparse.Namespace(profile="", profile_dir="unused", steps=1, warmup=1, clip="kernel", compile_mode="default")
     before = inductor_config.triton.persistent_reductions
-    row = tt.run_variant("mgqa_compiled_sdpa", tt.SHAPES["125m"], args, None, {"triton.persistent_reductions": not before})
+    row = tt.run_variant("mgqa_compiled_sdpa", "125m", args, None, {"triton.persistent_reductions": not before})
     assert row == {"impl": "mgqa_compiled_sdpa", "tokens_per_s": 1.0}
-    failed = tt.run_variant("mgqa_compiled_triton", tt.SHAPES["1b"], args, None, {})
+    failed = tt.run_variant("mgqa_compiled_triton", "1b", args, None, {})
     assert failed == {"impl": "mgqa_compiled_triton", "error": "RuntimeError: out of resources"}
     assert seen == [("mgqa_compiled_sdpa", not before), ("mgqa_compiled_triton", before)]
     assert inductor_config.triton.persistent_reductions == before  # the patch ends with the variant
