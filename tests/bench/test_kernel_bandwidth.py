@@ -93,3 +93,41 @@ def test_kernel_sources_are_read_from_generated_modules_with_their_origin_commen
     files = sorted(p.name for p in (tmp_path / "code").iterdir())
     assert files == ["triton_per_fused_norm_6.py", "triton_poi_fused_rotary_5.py"]
     assert (tmp_path / "code" / "triton_per_fused_norm_6.py").read_text() == sources["triton_per_fused_norm_6"]
+
+
+def _in_place_kernel_tuner():
+    """torch's CachingAutotuner, set up as for a CPU kernel whose first argument it writes in place;
+    and the launcher it times, which records the buffer it was given."""
+    import types
+
+    import torch
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    tuner = object.__new__(CachingAutotuner)
+    tuner.custom_kernel, tuner.inductor_meta, tuner.optimize_mem = False, {}, False
+    tuner.device_props = types.SimpleNamespace(type="cpu")
+    tuner.mutated_arg_names, tuner.reset_to_zero_arg_names = ["buf"], []
+    tuner.fn = types.SimpleNamespace(arg_names=["buf", "x"])
+    tuner.benchmark_failure_reasons = {}
+    given = []
+
+    def launcher(buf, x, stream=None):
+        given.append(buf)
+        buf.add_(x)
+
+    launcher.n_spills, launcher.config = None, None
+    return tuner, launcher, given, torch.zeros(64), torch.ones(64)
+
+
+def test_in_place_arguments_are_copied_once_before_timing_and_the_step_keeps_its_values():
+    tuner, launcher, given, buf, x = _in_place_kernel_tuner()
+    tuner.bench(launcher, buf, x)
+    assert len(given) > 1 and given[0] is not given[1]  # torch's own: a fresh copy inside every timed call
+    given.clear()
+    with kb.clones_outside_timing():
+        tuner.bench(launcher, buf, x)
+    assert len(given) > 1 and all(b is given[0] for b in given) and given[0] is not buf
+    assert not buf.any()  # the step's buffer is never written by the benchmark
+    assert "maybe_clone_args" not in vars(tuner)  # the patch ends with the benchmark
+    tuner.bench(launcher, buf, x)
+    assert given[-1] is not given[0]
