@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mgqa import ops
-from mgqa.model.layers import apply_rotary
+from mgqa.model.layers import Linear, apply_rotary
 from mgqa.model.static_cache import StaticKVCache
 
 
@@ -72,8 +72,8 @@ class GroupedQueryAttention(nn.Module):
         self.dropout = dropout
         self.backend = backend
         self.layer_index = layer_index
-        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)  # fused q, k, v
-        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.qkv = Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)  # fused q, k, v
+        self.out = Linear(heads * head_dim, dim, bias=bias)
         self.out_dropout = nn.Dropout(dropout)
 
     def forward(

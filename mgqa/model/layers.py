@@ -6,6 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgqa import ops
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight gradient, under half-precision autocast, comes out of the matrix
+    product in float32 (``mgqa.ops.linear``); parameters and state-dict names are nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019)."""
@@ -40,11 +50,11 @@ class FeedForward(nn.Module):
         self.kind = kind
         if kind == "swiglu":
             hidden = swiglu_hidden(dim, mult)
-            self.w_in = nn.Linear(dim, 2 * hidden, bias=bias)  # gate and value, fused
+            self.w_in = Linear(dim, 2 * hidden, bias=bias)  # gate and value, fused
         else:
             hidden = int(mult * dim)
-            self.w_in = nn.Linear(dim, hidden, bias=bias)
-        self.w_out = nn.Linear(hidden, dim, bias=bias)
+            self.w_in = Linear(dim, hidden, bias=bias)
+        self.w_out = Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
