@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from mgqa.ops.cross_entropy import linear_cross_entropy
-from mgqa.ops.linear import linear
+from mgqa.ops.projection import linear
 from mgqa.ops.reference import cache_mask, causal_mask, reference_attention, reference_decode_attention
 from mgqa.ops.sdpa import sdpa_attention, sdpa_decode_attention
 

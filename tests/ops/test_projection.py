@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mgqa.model import MGQATransformer, ModelConfig
 from mgqa.model.layers import Linear
 from mgqa.ops import linear
-from mgqa.ops.linear import widened_grad_dtype
+from mgqa.ops.projection import widened_grad_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -113,7 +113,7 @@ def test_the_model_projections_use_it_and_keep_nn_linear_names():
 def test_on_cuda_the_widened_product_gives_the_weight_gradient_eager_and_compiled():
     """At a projection's size (4096 tokens, 768 -> 2304): the float32 weight gradient of the bf16
     operands to float32 accuracy, and Inductor's graph (the product as an extern kernel) bit-identical."""
-    from mgqa.ops.linear import _MM_OUT_DTYPE
+    from mgqa.ops.projection import _MM_OUT_DTYPE
 
     assert _MM_OUT_DTYPE, "this torch has no aten::mm.dtype: the CUDA path falls back to F.linear"
     torch.manual_seed(0)
