@@ -9,12 +9,10 @@ from torch import nn
 from mgqa import ops
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose weight gradient, under half-precision autocast, comes out of the matrix
-    product in float32 (``mgqa.ops.linear``); parameters and state-dict names are nn.Linear's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, with the weight gradient taken in float32 under half-precision autocast
+    (``mgqa.ops.linear``)."""
+    return ops.linear(x, layer.weight, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -50,21 +48,21 @@ class FeedForward(nn.Module):
         self.kind = kind
         if kind == "swiglu":
             hidden = swiglu_hidden(dim, mult)
-            self.w_in = Linear(dim, 2 * hidden, bias=bias)  # gate and value, fused
+            self.w_in = nn.Linear(dim, 2 * hidden, bias=bias)  # gate and value, fused
         else:
             hidden = int(mult * dim)
-            self.w_in = Linear(dim, hidden, bias=bias)
-        self.w_out = Linear(hidden, dim, bias=bias)
+            self.w_in = nn.Linear(dim, hidden, bias=bias)
+        self.w_out = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
+        h = project(self.w_in, x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
             h = F.gelu(h)
-        return self.dropout(self.w_out(h))
+        return self.dropout(project(self.w_out, h))
 
 
 class RotaryEmbedding(nn.Module):

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mgqa.model import MGQATransformer, ModelConfig
-from mgqa.model.layers import Linear
 from mgqa.ops import linear
 from mgqa.ops.projection import widened_grad_dtype
 
@@ -93,19 +92,29 @@ def test_compiled_matches_eager(backend):
         torch.testing.assert_close(a, c, rtol=0 if exact else 2e-2, atol=0 if exact else 2e-2)
 
 
-def test_the_model_projections_use_it_and_keep_nn_linear_names():
+def test_the_model_projections_take_float32_weight_gradients():
     cfg = ModelConfig(dim=32, depth=1, heads=4, kv_heads=2, num_tokens=50, max_seq_len=16, pos_emb="rotary",
                       norm="rmsnorm", ff="swiglu", bias=False)
     model = MGQATransformer.from_config(cfg)
     block = model.attn_layers.blocks[0]
-    for layer in (block.attn.qkv, block.attn.out, block.ff.w_in, block.ff.w_out):
-        assert type(layer) is Linear and isinstance(layer, torch.nn.Linear)
-    assert {"attn_layers.blocks.0.attn.qkv.weight", "attn_layers.blocks.0.ff.w_out.weight"} <= set(model.state_dict())
+    layers = (block.attn.qkv, block.attn.out, block.ff.w_in, block.ff.w_out)
+    seen = []
+    original = F.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(weight)
+        return original(x, weight, bias)
+
     tokens = torch.randint(0, 50, (2, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "linear", spy)
         model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
-    assert block.attn.qkv.weight.grad.dtype == torch.float32
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    # Each projection's forward multiplied a bf16 copy of its weight: none went through F.linear as
+    # the float32 parameter, which autocast would have cast (and whose gradient it would have rounded).
+    assert not any(any(w is layer.weight for w in seen) for layer in layers)
+    for layer in layers:
+        assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+        assert (layer.weight.grad != layer.weight.grad.bfloat16().float()).any()  # not a bf16 gradient
 
 
 @pytest.mark.gpu
