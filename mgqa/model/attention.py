@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mgqa import ops
-from mgqa.model.layers import apply_rotary
+from mgqa.model.layers import apply_rotary, project
 from mgqa.model.static_cache import StaticKVCache
 
 
@@ -86,7 +86,7 @@ class GroupedQueryAttention(nn.Module):
         (B, 1, N, D) when every sequence sits at its own positions (a ``StaticKVCache``)."""
         batch, n, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
+        q, k, v = project(self.qkv, x).split((q_width, kv_width, kv_width), dim=-1)
         q = q.view(batch, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
         k = k.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, D)
         v = v.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, D)
@@ -107,4 +107,4 @@ class GroupedQueryAttention(nn.Module):
                 backend=self.backend,
             )  # (B, H, N, D)
         y = y.transpose(1, 2).reshape(batch, n, q_width)  # (B, N, H*D)
-        return self.out_dropout(self.out(y))
+        return self.out_dropout(project(self.out, y))

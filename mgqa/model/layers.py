@@ -6,6 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mgqa import ops
+
+
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, with the weight gradient taken in float32 under half-precision autocast
+    (``mgqa.ops.linear``)."""
+    return ops.linear(x, layer.weight, layer.bias)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019)."""
@@ -48,13 +56,13 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
+        h = project(self.w_in, x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
             h = F.gelu(h)
-        return self.dropout(self.w_out(h))
+        return self.dropout(project(self.w_out, h))
 
 
 class RotaryEmbedding(nn.Module):

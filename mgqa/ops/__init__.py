@@ -12,7 +12,8 @@
   queries after more cached keys, no gradient) goes to the decode kernel on CUDA.
 
 ``linear_cross_entropy(hidden, weight, targets)`` is the language-model loss computed in chunks of
-rows, never holding the batch's full logits.
+rows, never holding the batch's full logits. ``linear(x, weight, bias)`` is the blocks' projection:
+under half-precision autocast its float32 weight gradient comes straight out of the matrix product.
 
 ``decode_attention(q, k_cache, v_cache, lengths, ...)`` is attention of a few new positions per
 sequence over a preallocated cache with per-sequence lengths; the same backends, where "triton" is
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from mgqa.ops.cross_entropy import linear_cross_entropy
+from mgqa.ops.projection import linear
 from mgqa.ops.reference import cache_mask, causal_mask, reference_attention, reference_decode_attention
 from mgqa.ops.sdpa import sdpa_attention, sdpa_decode_attention
 
@@ -38,6 +40,7 @@ __all__ = [
     "cache_mask",
     "causal_mask",
     "decode_attention",
+    "linear",
     "linear_cross_entropy",
     "reference_attention",
     "reference_decode_attention",

@@ -9,7 +9,8 @@ freed), so the backward pass only scales them: peak memory is one chunk's logits
 128k vocabulary: 8 GiB of float32 logits, twice over).
 
 Under autocast the matrix products run in the autocast dtype, as ``nn.Linear`` would; the
-log-softmax is float32 either way.
+log-softmax is float32 either way, and a float32 weight gets its gradient from the float32 sum of
+the chunks' products as it is, without a round trip through the autocast dtype.
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, valid, chunk_rows):  # noqa: ANN001 (autograd signature)
-        # hidden (T, D) and weight (V, D) in the compute dtype; targets (T,) with ignored rows set to 0.
+    def forward(ctx, hidden, weight_in, targets, valid, chunk_rows):  # noqa: ANN001 (autograd signature)
+        # hidden (T, D) in the compute dtype; weight_in (V, D) in its own dtype, multiplied in the
+        # compute dtype; targets (T,) with ignored rows set to 0.
+        weight = weight_in.to(hidden.dtype)
         rows, acc = hidden.shape[0], _accumulation_dtype(hidden.dtype)
         count = valid.sum().clamp(min=1).to(acc)
         scale = 1.0 / count
@@ -110,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk_rows] = grad @ weight
             if grad_weight is not None:
                 _accumulate(grad_weight, grad.T, h)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight_in.dtype) if grad_weight is not None else None)
         return total / count
 
     @staticmethod
@@ -152,9 +155,10 @@ def linear_cross_entropy(
     safe_targets = torch.where(valid, targets, 0)
     rows = chunk_rows or _chunk_rows(hidden.shape[0], weight.shape[0])
     with torch.autocast(device, enabled=False):
-        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+        hidden_c = hidden.to(dtype)
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(hidden_c, weight_c, safe_targets, valid, rows)
+            return _LinearCrossEntropy.apply(hidden_c, weight, safe_targets, valid, rows)
+        weight_c = weight.to(dtype)
         acc = _accumulation_dtype(dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden_c.shape[0], rows):

@@ -57,6 +57,21 @@ def test_bf16_autocast_matches_autocast_linear() -> None:
     torch.testing.assert_close(grad_w, weight.grad, rtol=5e-2, atol=2e-3)
 
 
+def test_under_autocast_a_float32_weight_gets_the_float32_sum_unrounded() -> None:
+    """The float32 sum of the chunks' products reaches the float32 weight as it is, not rounded to
+    bf16 on the way (a bf16 round trip would leave every element a bf16 value)."""
+    hidden, weight, targets = _inputs(64, 32, 97, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    (grad,) = torch.autograd.grad(loss, (weight,))
+    (ref_grad,) = torch.autograd.grad(ref, (weight,))
+    assert grad.dtype == torch.float32
+    assert (grad != grad.bfloat16().float()).float().mean() > 0.5
+    assert torch.equal(ref_grad, ref_grad.bfloat16().float())  # autocast's F.linear: a bf16 gradient
+    torch.testing.assert_close(grad, ref_grad, rtol=5e-2, atol=2e-3)
+
+
 def test_tied_weight_receives_both_gradients() -> None:
     emb = torch.nn.Embedding(13, 8).double()
     tokens = torch.randint(0, 13, (20,))
