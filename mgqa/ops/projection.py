@@ -39,7 +39,7 @@ class _WideGradLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, dtype):  # noqa: ANN001 (autograd signature)
         x_half, w_half = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x_half, w_half)
-        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        ctx.x_dtype = x.dtype
         return F.linear(x_half, w_half, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -52,7 +52,7 @@ class _WideGradLinear(torch.autograd.Function):
             grad_x = (grad_out @ w_half).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
             rows = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
             grad_w = _wide_mm(rows.t(), x_half.reshape(-1, x_half.shape[-1])) if ctx.needs_input_grad[1] else None
-            grad_b = rows.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            grad_b = rows.sum(0, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # False for no bias
         return grad_x, grad_w, grad_b, None
 
 
