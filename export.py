@@ -6,6 +6,15 @@ it without custom code. Options: conf/export.yaml; the weight map is mgqa.conver
 
 from __future__ import annotations
 
+from mgqa.lit.overrides import refuse_bad_overrides
+
+if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "export")  # one line for a mistyped key or option, before Hydra's report
+
+# Imported after the check, which needs only Hydra: a mistyped option is refused at once, not
+# after the seconds torch and Lightning take to load. Lightning still loads before Hydra sets up
+# logging, which its console logger depends on.
+# ruff: noqa: E402
 import logging
 import sys
 
@@ -14,7 +23,6 @@ from omegaconf import DictConfig
 
 from mgqa.convert.hf_export import check_exportable, export_hf
 from mgqa.lit.config import register_configs
-from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.trained import load_trained
 from mgqa.lit.validate import USER_ERRORS, user_message
 from mgqa.model import ConfigError
@@ -37,5 +45,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_bad_overrides(__file__, "export")  # one line for a mistyped key or option, before Hydra's report
     main()

@@ -5,6 +5,15 @@ Options: conf/generate.yaml; the work is done by mgqa.lit.generate.
 
 from __future__ import annotations
 
+from mgqa.lit.overrides import refuse_bad_overrides
+
+if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "generate")  # one line for a mistyped key or option, before Hydra's report
+
+# Imported after the check, which needs only Hydra: a mistyped option is refused at once, not
+# after the seconds torch and Lightning take to load. Lightning still loads before Hydra sets up
+# logging, which its console logger depends on.
+# ruff: noqa: E402
 import logging
 import sys
 
@@ -13,7 +22,6 @@ from omegaconf import DictConfig
 
 from mgqa.lit.config import register_configs
 from mgqa.lit.generate import generate
-from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.validate import USER_ERRORS, user_message
 
 register_configs()  # the ${mgqa.repo_root:} resolver of conf/paths/
@@ -29,5 +37,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_bad_overrides(__file__, "generate")  # one line for a mistyped key or option, before Hydra's report
     main()

@@ -5,6 +5,15 @@ Configs live in conf/ (see conf/train.yaml); the work is done by mgqa.lit.run.tr
 
 from __future__ import annotations
 
+from mgqa.lit.overrides import refuse_bad_overrides
+
+if __name__ == "__main__":
+    refuse_bad_overrides(__file__, "train")  # one line for a mistyped key or option, before Hydra's report
+
+# Imported after the check, which needs only Hydra: a mistyped option is refused at once, not
+# after the seconds torch and Lightning take to load. Lightning still loads before Hydra sets up
+# logging, which its console logger depends on.
+# ruff: noqa: E402
 from pathlib import Path
 
 import hydra
@@ -15,7 +24,6 @@ from omegaconf import DictConfig
 from mgqa.lit.config import register_configs
 from mgqa.lit.console import quiet_console
 from mgqa.lit.launch import job_scope
-from mgqa.lit.overrides import refuse_bad_overrides
 from mgqa.lit.run import train
 from mgqa.lit.rundir import remove_if_empty
 from mgqa.lit.sweep import objective
@@ -39,5 +47,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    refuse_bad_overrides(__file__, "train")  # one line for a mistyped key or option, before Hydra's report
     main()

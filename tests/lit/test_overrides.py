@@ -2,6 +2,8 @@
 
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +72,16 @@ def test_an_option_a_config_builds_on_points_at_a_missing_plugin():
     assert composition_error(err, args=["hydra/launcher=submitit_slurm"]) == (
         "hydra/launcher=submitit_slurm: no such option; choose from basic, slurm")
     assert composition_error(ValueError("anything else")) is None  # left to Hydra
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_mistyped_option_is_refused_before_torch_is_imported(script):
+    """The check runs first and needs only Hydra: the refusal comes back at once, not after the
+    seconds torch and Lightning take to import."""
+    probe = (f"import runpy, sys; sys.argv = [{script!r}, 'no_such_key=1']\n"
+             f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+             "finally:\n    print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert "no_such_key is not an option" in proc.stderr
+    assert proc.stdout.strip() == "torch not imported"
