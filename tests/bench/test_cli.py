@@ -25,6 +25,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("kernel_bandwidth.py", ["--steps", "0"], "--steps (0) and --top (25) must be at least 1"),
     ("kernel_bandwidth.py", ["--inductor", "triton.persistent_reductions=maybe"],
      "--inductor: triton.persistent_reductions=maybe: expected True/False or 1/0"),
+    ("inductor_code.py", ["--shape", "7b"], "unknown shape '7b'"),
 ])
 def test_bad_arguments_are_usage_errors(script, args, expected):
     proc = run(script, *args)
