@@ -2,6 +2,7 @@
 
     python bench/inductor_code.py --shape 125m
     python bench/inductor_code.py --shape 1b --batch 1 --inductor triton.persistent_reductions=False
+    python bench/inductor_code.py --shape 125m --attention triton --seq 256
 
 One block of `bench/train_throughput.py`'s shape runs forward and backward on the CPU, under bf16
 autocast, through Inductor's own passes before lowering (decompositions, joint-graph passes, the
@@ -13,8 +14,9 @@ for or run on a GPU.
 Writes `OUT/fw.py` and `OUT/bw.py` (Inductor's wrapper with every kernel's Triton source) and prints
 each kernel with the model's operations it fuses: what to read before writing a kernel that must
 beat compile's. Two things differ from the card: attention is an extern call to the CPU's SDPA kernel
-(on the card, cuDNN's or mgqa's), and the projections' float32 weight-gradient product
-(`mgqa.ops.linear`) is put back as CUDA's `mm(..., out_dtype=float32)`. On a GPU,
+(on the card, cuDNN's), or with `--attention triton` to mgqa's custom ops, which run in Triton's
+interpreter on the CPU (slow: `--seq 256` keeps it to a minute); and the projections' float32
+weight-gradient product (`mgqa.ops.linear`) is put back as CUDA's `mm(..., out_dtype=float32)`. On a GPU,
 `bench/kernel_bandwidth.py --code-dir` writes the kernels that ran, with their times.
 
 It answers Inductor's device queries by replacing private torch functions for the length of the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import re
 import sys
 import types
@@ -122,9 +125,11 @@ def h100_answers() -> Iterator[None]:
         yield
 
 
-def capture_block(shape: dict[str, int], batch: int) -> dict[str, tuple[torch.fx.GraphModule, list[Any]]]:
-    """The forward and backward graphs Inductor would lower for one block of ``shape``, captured
-    on the CPU under bf16 autocast (run there as they are)."""
+def capture_block(shape: dict[str, int], batch: int,
+                  attention: str = "sdpa") -> dict[str, tuple[torch.fx.GraphModule, list[Any]]]:
+    """The forward and backward graphs Inductor would lower for one block of ``shape`` with the
+    ``attention`` backend, captured on the CPU under bf16 autocast (run there as they are; mgqa's
+    Triton kernels need ``TRITON_INTERPRET=1`` set before they are imported)."""
     from functorch.compile import make_boxed_func  # noqa: PLC0415
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
@@ -133,7 +138,7 @@ def capture_block(shape: dict[str, int], batch: int) -> dict[str, tuple[torch.fx
 
     config = ModelConfig(dim=shape["dim"], depth=1, heads=shape["heads"], kv_heads=shape["kv_heads"], num_tokens=256,
                          max_seq_len=shape["seq"], pos_emb="rotary", norm="rmsnorm", ff="swiglu", bias=False,
-                         attn_backend="sdpa")
+                         attn_backend=attention)
     model = MGQATransformer.from_config(config)
     block = model.attn_layers.blocks[0]
     graphs: dict[str, tuple[torch.fx.GraphModule, list[Any]]] = {}
@@ -211,25 +216,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="125m", help="1b or 125m (bench/train_throughput.py's shapes)")
     parser.add_argument("--batch", type=int, default=0, help="sequences (default: the shape's batch)")
+    parser.add_argument("--seq", type=int, default=0, help="tokens a sequence (default: the shape's)")
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"),
+                        help="the block's attention backend (triton: mgqa's kernels, in Triton's interpreter here)")
     parser.add_argument("--out", default="", help="directory for fw.py and bw.py (default outputs/inductor_code/<shape>)")
     parser.add_argument("--inductor", default="default", metavar="SETTINGS",
                         help="KEY=VALUE,... of torch._inductor.config to lower under (default: its defaults)")
     args = parser.parse_args(argv)
+    if args.attention == "triton":  # the capture runs on the CPU
+        os.environ["TRITON_INTERPRET"] = "1"  # read as mgqa's kernels are first imported, below
     import train_throughput as tt  # noqa: PLC0415
 
     if args.shape not in tt.SHAPES:
         parser.error(f"unknown shape {args.shape!r}; choose from {list(tt.SHAPES)}")
-    if args.batch < 0:
-        parser.error(f"--batch must be positive, got {args.batch}")
+    for name in ("batch", "seq"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     try:
         settings = tt.inductor_settings(args.inductor)
     except ValueError as err:
         parser.error(f"--inductor: {err}")
-    shape = tt.SHAPES[args.shape]
+    shape = {**tt.SHAPES[args.shape], **({"seq": args.seq} if args.seq else {})}
     batch = args.batch or shape["batch"]
     out = Path(args.out or f"outputs/inductor_code/{args.shape}")
-    print(f"one block of {args.shape} (batch {batch} x {shape['seq']}), bf16 autocast, on the CPU ...", flush=True)
-    graphs = capture_block(shape, batch)
+    print(f"one block of {args.shape} (batch {batch} x {shape['seq']}, {args.attention} attention), bf16 autocast, "
+          "on the CPU ...", flush=True)
+    graphs = capture_block(shape, batch, args.attention)
     out.mkdir(parents=True, exist_ok=True)
     with h100_answers():
         for name in ("fw", "bw"):

@@ -26,6 +26,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     ("kernel_bandwidth.py", ["--inductor", "triton.persistent_reductions=maybe"],
      "--inductor: triton.persistent_reductions=maybe: expected True/False or 1/0"),
     ("inductor_code.py", ["--shape", "7b"], "unknown shape '7b'"),
+    ("inductor_code.py", ["--seq", "-256"], "--seq must be positive, got -256"),
 ])
 def test_bad_arguments_are_usage_errors(script, args, expected):
     proc = run(script, *args)

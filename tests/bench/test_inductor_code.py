@@ -14,12 +14,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import inductor_code as ic  # noqa: E402
 
-TINY = {"dim": 64, "heads": 4, "kv_heads": 2, "seq": 32}
+TINY = {"dim": 128, "heads": 4, "kv_heads": 2, "seq": 32}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows the code generated where there is no GPU")
-def test_a_block_lowers_for_an_h100_on_the_cpu():
-    graphs = ic.capture_block(TINY, batch=2)
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_a_block_lowers_for_an_h100_on_the_cpu(attention):
+    graphs = ic.capture_block(TINY, batch=2, attention=attention)  # triton: in the interpreter (conftest)
     with ic.h100_answers():
         fw, bw = (ic.cuda_code(*graphs[name], name == "bw", {}) for name in ("fw", "bw"))
     assert not torch.cuda.is_available()  # the device answers are gone with the context
@@ -35,3 +36,5 @@ def test_a_block_lowers_for_an_h100_on_the_cpu():
     # The projections' weight gradients come out of the product in float32, as on CUDA.
     assert bw.count("extern_kernels.mm_dtype(") == 4 and "out_dtype=torch.float32" in bw
     assert ic.kernels(bw)
+    if attention == "triton":  # mgqa's kernels stay extern calls through their custom ops
+        assert "torch.ops.mgqa.gqa_attention_fwd.default(" in fw and "torch.ops.mgqa.gqa_attention_bwd.default(" in bw
