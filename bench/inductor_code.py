@@ -2,7 +2,7 @@
 
     python bench/inductor_code.py --shape 125m
     python bench/inductor_code.py --shape 1b --batch 1 --inductor triton.persistent_reductions=False
-    python bench/inductor_code.py --shape 125m --attention triton --seq 256
+    python bench/inductor_code.py --shape 125m --attention triton --seq 256 --batch 1
 
 One block of `bench/train_throughput.py`'s shape runs forward and backward on the CPU, under bf16
 autocast, through Inductor's own passes before lowering (decompositions, joint-graph passes, the
@@ -14,10 +14,11 @@ for or run on a GPU.
 Writes `OUT/fw.py` and `OUT/bw.py` (Inductor's wrapper with every kernel's Triton source) and prints
 each kernel with the model's operations it fuses: what to read before writing a kernel that must
 beat compile's. Two things differ from the card: attention is an extern call to the CPU's SDPA kernel
-(on the card, cuDNN's), or with `--attention triton` to mgqa's custom ops, which run in Triton's
-interpreter on the CPU (slow: `--seq 256` keeps it to a minute); and the projections' float32
-weight-gradient product (`mgqa.ops.linear`) is put back as CUDA's `mm(..., out_dtype=float32)`. On a GPU,
-`bench/kernel_bandwidth.py --code-dir` writes the kernels that ran, with their times.
+(on the card, cuDNN's), or with `--attention triton` to mgqa's custom ops, which then run in Triton's
+interpreter during the capture (slow: `--seq 256 --batch 1` takes about half a minute on two cores);
+and the projections' float32 weight-gradient product (`mgqa.ops.linear`) is put back as CUDA's
+`mm(..., out_dtype=float32)`. On a GPU, `bench/kernel_bandwidth.py --code-dir` writes the kernels
+that ran, with their times.
 
 It answers Inductor's device queries by replacing private torch functions for the length of the
 run; a torch release that moves them fails with the name of what is missing.
