@@ -10,8 +10,9 @@ ARGS ?=
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the suite is mostly subprocess runs and Triton's interpreter, one core each.
 TEST_WORKERS ?= auto
-# One CPU thread per test process and its subprocesses: the workers already fill the cores, and
-# torch's OpenMP threads, oversubscribed, spin-wait against each other.
+# One CPU thread per test process and its subprocesses where several run: the workers already fill
+# the cores, and torch's OpenMP threads, oversubscribed, spin-wait against each other. A single
+# process (TEST_WORKERS=1) keeps torch's default, every core.
 TEST_THREADS ?= 1
 
 .PHONY: install train test test-gpu bench-attention clean
@@ -29,7 +30,7 @@ train: $(STAMP)
 
 ## The test suite (CPU; Triton kernels run in the interpreter; GPU tests are skipped without CUDA)
 test: $(STAMP)
-	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(if $(filter 1,$(TEST_WORKERS)),,OMP_NUM_THREADS=$(TEST_THREADS)) $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## GPU-only tests, on a machine with CUDA
 test-gpu: $(STAMP)
