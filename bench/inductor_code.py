@@ -45,9 +45,8 @@ H100 = types.SimpleNamespace(
     max_threads_per_multi_processor=2048, max_threads_per_block=1024, regs_per_multiprocessor=65536,
     warp_size=32, shared_memory_per_block_optin=232448, L2_cache_size=50 * 2**20, gcnArchName="",
 )
-# Inductor's header over each kernel: "# Topologically Sorted Source Nodes: [...], Original ATen: [...]".
-_SOURCES = re.compile(r"# Topologically Sorted Source Nodes: \[([^\]]*)\], Original ATen: \[([^\]]*)\]\n(?:#[^\n]*\n)*"
-                      r"(\w+) = async_compile\.triton\(")
+# The model's operations a kernel fuses, in Inductor's comment over it.
+_SOURCE_NODES = re.compile(r"# Topologically Sorted Source Nodes: \[([^\]]*)\]")
 
 
 class _Generated(Exception):
@@ -178,6 +177,7 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def cuda_code(gm: torch.fx.GraphModule, inputs: list[Any], is_backward: bool, settings: dict[str, Any]) -> str:
     """The module Inductor generates for ``gm`` on an H100: its wrapper and every kernel's source."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
     from torch._inductor.compile_fx import compile_fx_inner  # noqa: PLC0415
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: PLC0415
@@ -192,8 +192,6 @@ def cuda_code(gm: torch.fx.GraphModule, inputs: list[Any], is_backward: bool, se
         fake = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=cuda) if isinstance(t, torch.Tensor) else t
                 for t in inputs]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-    import torch._inductor.config as inductor_config  # noqa: PLC0415
-
     try:
         with mode, inductor_config.patch(settings):
             compile_fx_inner(gm, fake, is_backward=is_backward)
@@ -209,7 +207,9 @@ def cuda_code(gm: torch.fx.GraphModule, inputs: list[Any], is_backward: bool, se
 
 def kernels(code: str) -> list[tuple[str, str]]:
     """(kernel name, the model's operations it fuses) for each Triton kernel of a generated module."""
-    return [(name, nodes) for nodes, _aten, name in _SOURCES.findall(code)]
+    from kernel_bandwidth import kernel_sources  # noqa: PLC0415 (a sibling script: bench/ is on the path)
+
+    return [(name, ", ".join(_SOURCE_NODES.findall(source))) for name, source in kernel_sources(code).items()]
 
 
 def main(argv: list[str] | None = None) -> int:
